@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# vmswarm's one entry point: `bash run.sh demo` runs the local demo, `bash run.sh test` runs every check.
+# Each command installs what it needs first (apt packages, .venv, pip dependencies); re-runs skip what is done.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+APT_PACKAGES=(python3-venv python3-dev gcc iproute2)
+
+log() { printf '[run.sh] %s\n' "$*" >&2; }
+
+install_apt() {
+    local missing=()
+    for pkg in "${APT_PACKAGES[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        if [[ $(id -u) -ne 0 ]]; then
+            log "missing apt packages (${missing[*]}); run as root or install them"; exit 1
+        fi
+        log "apt-get install ${missing[*]}"
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq
+        apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+install_venv() {
+    local stamp="$VENV/.installed" want
+    want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    if [[ -x "$PY" && -f "$stamp" && "$(cat "$stamp")" == "$want" ]]; then
+        return
+    fi
+    log "creating $VENV and installing vmswarm with its dependencies"
+    python3 -m venv "$VENV"
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q -e "$ROOT[dev]"
+    # mypy cannot follow setuptools' editable import hook, so it reads the code through this view.
+    mkdir -p "$VENV/typecheck/vmswarm"
+    for pkg in swarm daemon cli; do ln -sfn "$ROOT/$pkg" "$VENV/typecheck/vmswarm/$pkg"; done
+    echo "$want" >"$stamp"
+}
+
+bootstrap() {
+    install_apt
+    install_venv
+}
+
+cmd_test() {
+    bootstrap
+    cd "$ROOT"
+    log "ruff"
+    "$VENV/bin/ruff" check .
+    "$VENV/bin/ruff" format --check .
+    log "mypy"
+    "$VENV/bin/mypy"
+    log "pytest"
+    # pytest exits 5 when it collected nothing; that is a failure here like any other non-zero code.
+    "$VENV/bin/pytest" "$@"
+}
+
+cmd_demo() {
+    bootstrap
+    cd "$ROOT"
+    "$PY" -m vmswarm.cli.demo "$@"
+}
+
+case "${1:-}" in
+    test) shift; cmd_test "$@" ;;
+    demo) shift; cmd_demo "$@" ;;
+    setup) bootstrap ;;
+    *) echo "usage: bash run.sh {demo|test|setup} [args...]" >&2; exit 2 ;;
+esac
