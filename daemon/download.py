@@ -1,0 +1,889 @@
+"""One template's swarm: a single owner task holds the picker, the links and the counters.
+
+Per-link reader tasks push `(link, event)` into the owner's bounded memory channel; so do the
+ticker (`_Tick`), the writer (`_Written`, `_Verified`) and the control calls. The owner handles
+each event without awaiting anything, so its state never changes under it, and it never blocks
+on a slow peer: control messages are queued on the link (`PeerLink.post`), chunk writes go to
+the writer task, whose hashing and pwrite run in a worker thread. Memory stays bounded: every
+chunk between a link's reader and the writer holds one of `chunks_in_memory` tokens.
+
+The same class serves and downloads: a complete template simply wants nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..swarm.bitfield import Bitfield
+from ..swarm.connection import Connection
+from ..swarm.messages import Cancel, Chunk, Handshake, Have, Reject, Request, Role
+from ..swarm.picker import Picker, PickerConfig
+from . import peer_link
+from .peer_link import (
+    HandshakeError,
+    LinkDown,
+    LinkOptions,
+    LinkUp,
+    LocalPeer,
+    PeerLink,
+)
+from .serving import MAX_QUEUED_REQUESTS, ChunkServer
+from .storeerrors import ChunkMismatch, StoreError
+from .template_sources import TemplateData
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DownloadConfig:
+    """Tunables of one template's swarm."""
+
+    # Bytes of requests outstanding per peer: enough to keep a fast link busy.
+    pipeline_bytes: int = 16 << 20
+    min_pipeline: int = 2
+    max_pipeline: int = 16
+    tick_interval: float = 0.5
+    # A wanted chunk no connected peer holds for this long fails the waiting fetch.
+    no_source_timeout: float = 30.0
+    # Fewer links than this (while downloading) asks the tracker for more peers.
+    wanted_links: int = 8
+    max_links: int = 40
+    # Chunks received but not yet verified and written, over all links of this template.
+    chunks_in_memory: int = 4
+    discovery_interval: float = 3.0
+    connect_timeout: float = 5.0
+    redial_after: float = 10.0
+    max_queued_requests: int = MAX_QUEUED_REQUESTS
+    picker: PickerConfig | None = None
+    link: LinkOptions | None = None
+
+    def pipeline_depth(self, chunk_size: int) -> int:
+        depth = self.pipeline_bytes // max(chunk_size, 1)
+        return max(self.min_pipeline, min(self.max_pipeline, depth))
+
+
+@dataclass(frozen=True)
+class PeerAddress:
+    """Somewhere to dial; `peer_id` and `role` when the tracker told us."""
+
+    host: str
+    port: int
+    peer_id: bytes | None = None
+    role: Role | None = None
+
+
+PeerFinder = Callable[[bytes, Bitfield], Awaitable[list[PeerAddress]]]
+
+
+class DownloadFailed(Exception):
+    """The wanted chunks cannot be had right now; the message says why (for the operator)."""
+
+
+class ConnectionBudget:
+    """The node-wide cap on peer connections."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def try_acquire(self) -> bool:
+        if self.in_use >= self.limit:
+            return False
+        self.in_use += 1
+        return True
+
+    def release(self) -> None:
+        self.in_use = max(0, self.in_use - 1)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a download stands; bytes count only chunks that travel (never zero chunks)."""
+
+    done_bytes: int
+    total_bytes: int
+    rate: float
+    upload_rate: float
+    sources: int
+    bytes_from_centers: int
+    bytes_from_peers: int
+    links: int
+    complete: bool
+    error: str | None
+
+    @property
+    def eta(self) -> float | None:
+        left = self.total_bytes - self.done_bytes
+        if left <= 0:
+            return 0.0
+        return left / self.rate if self.rate > 0 else None
+
+    @property
+    def percent(self) -> float:
+        return 100.0 if self.total_bytes == 0 else 100.0 * self.done_bytes / self.total_bytes
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "done_bytes": self.done_bytes,
+            "total_bytes": self.total_bytes,
+            "percent": round(self.percent, 2),
+            "rate": self.rate,
+            "upload_rate": self.upload_rate,
+            "sources": self.sources,
+            "bytes_from_centers": self.bytes_from_centers,
+            "bytes_from_peers": self.bytes_from_peers,
+            "links": self.links,
+            "eta": self.eta,
+            "complete": self.complete,
+            "error": self.error,
+        }
+
+
+@dataclass
+class _Peer:
+    link: PeerLink
+    verifying: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    timeouts: int = 0
+
+
+@dataclass
+class BanRecord:
+    """A peer banned for this template, and why."""
+
+    peer_id: bytes
+    address: tuple[str, int] | None
+    reason: str
+    corrupt_chunks: int = 1
+
+
+# -- owner events besides the links' ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Tick:
+    pass
+
+
+@dataclass(frozen=True)
+class _Written:
+    link: PeerLink
+    index: int
+    size: int
+    newly: tuple[int, ...] = ()
+    corrupt: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Verified:
+    ok: bool
+
+
+@dataclass(frozen=True)
+class _Found:
+    addresses: tuple[PeerAddress, ...]
+    explicit: bool = False
+
+
+@dataclass(frozen=True)
+class _Want:
+    indices: tuple[int, ...] | None  # None: every chunk
+
+
+@dataclass(frozen=True)
+class _Retry:
+    pass
+
+
+@dataclass(frozen=True)
+class _WriteJob:
+    link: PeerLink
+    index: int
+    data: bytes | memoryview
+
+
+@dataclass(frozen=True)
+class _VerifyJob:
+    pass
+
+
+_Item = tuple[PeerLink | None, object]
+
+
+@dataclass
+class _RateMeter:
+    """Bytes per second over the last `window` seconds, sampled at ticks."""
+
+    window: float = 2.0
+    samples: deque[tuple[float, int]] = field(default_factory=deque)
+
+    def sample(self, now: float, total: int) -> float:
+        self.samples.append((now, total))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
+            self.samples.popleft()
+        first_t, first_total = self.samples[0]
+        span = now - first_t
+        return (total - first_total) / span if span > 0 else 0.0
+
+
+class TemplateDownload:
+    """The swarm of one template on this node: serves what it has, fetches what it wants."""
+
+    def __init__(
+        self,
+        data: TemplateData,
+        local: LocalPeer,
+        *,
+        upload_slots: trio.Semaphore,
+        want: Iterable[int] | None = None,
+        want_all: bool = True,
+        find_peers: PeerFinder | None = None,
+        budget: ConnectionBudget | None = None,
+        config: DownloadConfig | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.data = data
+        self.manifest = data.manifest
+        self.template_id = data.manifest.template_id
+        self.local = local
+        self.config = config or DownloadConfig()
+        self._upload_slots = upload_slots
+        self._find_peers = find_peers
+        self._budget = budget
+        self._rng = rng or random.Random()
+        self._depth = self.config.pipeline_depth(self.manifest.chunk_size)
+        self._lengths = [self.manifest.chunk_range(i)[1] for i in range(self.manifest.chunk_count)]
+        self._want_all = want is None and want_all
+        self._wanted: set[int] = set() if want is None else set(want)
+        self._send, self._receive = trio.open_memory_channel[_Item](256)
+        self._write_send, self._write_receive = trio.open_memory_channel[_WriteJob | _VerifyJob](
+            math.inf
+        )
+        self._tokens = trio.Semaphore(self.config.chunks_in_memory)
+        self._peers: dict[bytes, _Peer] = {}
+        self._all_links: set[PeerLink] = set()
+        self.banned: dict[bytes, BanRecord] = {}
+        self._writing: dict[int, int] = {}
+        self._dialing: set[tuple[str, int]] = set()
+        self._dial_failed: dict[tuple[str, int], float] = {}
+        self._discovering = False
+        self._next_discovery = -math.inf
+        self._unavailable_since: float | None = None
+        self._lost: set[int] = set()
+        self._verifying_image = False
+        self.verified = False
+        self.error: str | None = None
+        self.bytes_from_centers = 0
+        self.bytes_from_peers = 0
+        self.wasted_bytes = 0
+        self.corrupt_chunks = 0
+        self.timeouts = 0
+        self._sources: set[bytes] = set()
+        self._retired_out = 0
+        self._down_meter = _RateMeter()
+        self._up_meter = _RateMeter()
+        self.rate = 0.0
+        self.upload_rate = 0.0
+        self._changed = trio.Event()
+        self._running = False
+        self._nursery: trio.Nursery | None = None
+        self._picker = self._new_picker()
+        self._total_bytes, self._done_bytes = self._count_bytes()
+
+    # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def satisfied(self) -> bool:
+        """Is everything wanted here (and, when the whole image is wanted, verified)?"""
+        if self._want_all:
+            return self.verified
+        return self._picker.complete and not self._writing
+
+    @property
+    def complete(self) -> bool:
+        """Is the whole template present and verified on this node?"""
+        return self.verified
+
+    @property
+    def wants_more(self) -> bool:
+        return not self._picker.complete
+
+    def progress(self) -> Progress:
+        return Progress(
+            done_bytes=self._done_bytes,
+            total_bytes=self._total_bytes,
+            rate=self.rate,
+            upload_rate=self.upload_rate,
+            sources=len(self._sources),
+            bytes_from_centers=self.bytes_from_centers,
+            bytes_from_peers=self.bytes_from_peers,
+            links=len(self._peers),
+            complete=self.satisfied,
+            error=self.error,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """This template's swarm as the `status` control call shows it."""
+        manifest = self.manifest
+        return {
+            "template_id": self.template_id.hex(),
+            "name": manifest.name,
+            "version": manifest.version,
+            "size": manifest.size,
+            "path": None if self.data.path is None else str(self.data.path),
+            "complete": self.complete,
+            "wanted_complete": self.satisfied,
+            "bytes_up": self._bytes_up(),
+            "wasted_bytes": self.wasted_bytes,
+            "corrupt_chunks": self.corrupt_chunks,
+            "timeouts": self.timeouts,
+            **self.progress().as_dict(),
+            "peers": [
+                {
+                    "peer_id": pid.hex(),
+                    "address": None if p.link.address is None else list(p.link.address),
+                    "listen": None if p.link.their.listen is None else list(p.link.their.listen),
+                    "role": p.link.role.value,
+                    "direction": "out" if p.link.outbound else "in",
+                    "bytes_in": p.link.bytes_in,
+                    "bytes_out": p.link.bytes_out,
+                    "chunks_from": p.chunks,
+                    "percent": round(
+                        100.0 * len(p.link.their_bitfield) / max(len(self._lengths), 1), 2
+                    ),
+                }
+                for pid, p in self._peers.items()
+            ],
+            "banned": [
+                {
+                    "peer_id": record.peer_id.hex(),
+                    "address": None if record.address is None else list(record.address),
+                    "reason": record.reason,
+                    "corrupt_chunks": record.corrupt_chunks,
+                }
+                for record in self.banned.values()
+            ],
+        }
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The owner loop; runs until cancelled, serving and fetching."""
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._writer)
+                nursery.start_soon(self._ticker)
+                self._running = True
+                if self._want_all and self._picker.complete:
+                    self._start_verify()
+                task_status.started()
+                async for link, event in self._receive:
+                    self._handle(link, event)
+        finally:
+            self._running = False
+            for link in list(self._all_links):
+                link.close("shutting down")
+
+    async def run_link(self, link: PeerLink) -> str:
+        """Run a handshaken link of this template until it ends (serving and fetching on it)."""
+        server = ChunkServer(
+            link,
+            self.data,
+            self._upload_slots,
+            max_queued=self.config.max_queued_requests,
+            on_lost=self._lost.add,
+        )
+        self._all_links.add(link)
+        try:
+            return await link.run(self._send, server, chunk_tokens=self._tokens)
+        finally:
+            self._all_links.discard(link)
+            self._retired_out += link.bytes_out
+
+    async def accept(self, stream: trio.abc.Stream, conn: Connection, their: Handshake) -> None:
+        """Finish an inbound handshake for this template and run the link."""
+        if their.peer_id in self.banned:
+            await peer_link.refuse(stream, conn, "banned: sent corrupt chunks")
+            return
+        try:
+            link = await peer_link.accept(
+                stream, conn, their, self.local, self.data.have(), options=self.config.link
+            )
+        except HandshakeError as exc:
+            log.info("inbound handshake for %s failed: %s", self.manifest.name, exc)
+            return
+        await self.run_link(link)
+
+    async def add_sources(self, addresses: Iterable[PeerAddress]) -> None:
+        """Dial these peers now (explicit sources, e.g. a publisher's seeder)."""
+        await self._send.send((None, _Found(tuple(addresses), explicit=True)))
+
+    async def want(self, indices: Iterable[int] | None) -> None:
+        """Also fetch these chunks (None: all of them)."""
+        await self._send.send((None, _Want(None if indices is None else tuple(indices))))
+
+    async def retry(self) -> None:
+        """Forget the last failure and look for sources again now."""
+        await self._send.send((None, _Retry()))
+
+    async def wait_done(
+        self,
+        on_progress: Callable[[Progress], Awaitable[None]] | None = None,
+        *,
+        interval: float = 0.5,
+    ) -> Progress:
+        """Wait until everything wanted is here; DownloadFailed when a failure is reported.
+
+        `on_progress` is awaited about every `interval` seconds meanwhile.
+        """
+        while True:
+            with trio.move_on_after(interval if on_progress is not None else math.inf):
+                while not self.satisfied and self.error is None:
+                    await self._changed.wait()
+            if self.satisfied:
+                return self.progress()
+            if self.error is not None:
+                raise DownloadFailed(self.error)
+            if on_progress is not None:
+                await on_progress(self.progress())
+
+    # -- the owner's event handling (never awaits) -------------------------------------------------
+
+    def _handle(self, link: PeerLink | None, event: object) -> None:
+        if link is not None:
+            if isinstance(event, Chunk):
+                self._on_chunk(link, event)
+            elif isinstance(event, Have):
+                self._on_have(link, event.index)
+            elif isinstance(event, Reject):
+                self._on_reject(link, event)
+            elif isinstance(event, LinkUp):
+                self._on_link_up(link, event)
+            elif isinstance(event, LinkDown):
+                self._on_link_down(link, event.reason)
+            return
+        if isinstance(event, _Written):
+            self._on_written(event)
+        elif isinstance(event, _Tick):
+            self._on_tick()
+        elif isinstance(event, _Verified):
+            self._on_verified(event.ok)
+        elif isinstance(event, _Found):
+            for address in event.addresses:
+                self._dial(address, explicit=event.explicit)
+        elif isinstance(event, _Want):
+            self._on_want(event.indices)
+        elif isinstance(event, _Retry):
+            self.error = None
+            self._unavailable_since = None
+            self._next_discovery = -math.inf
+            self._dial_failed.clear()
+            self._on_tick()
+        self._signal()
+
+    def _current(self, link: PeerLink) -> _Peer | None:
+        peer = self._peers.get(link.peer_id)
+        return peer if peer is not None and peer.link is link else None
+
+    def _on_link_up(self, link: PeerLink, up: LinkUp) -> None:
+        pid = link.peer_id
+        if pid == self.local.peer_id:
+            link.close("connected to ourselves")
+            return
+        if pid in self.banned:
+            link.close("banned: sent corrupt chunks")
+            return
+        old = self._peers.get(pid)
+        if old is not None:
+            if not _prefer(link, old.link):
+                link.close("duplicate link")
+                return
+            old.link.close("duplicate link")
+            self._drop_peer(pid)
+        if len(self._peers) >= self.config.max_links:
+            link.close("too many links for this template")
+            return
+        if (
+            self.satisfied
+            and self._want_all
+            and (link.role is Role.STORAGE or up.bitfield.complete)
+        ):
+            link.close("nothing to trade: both sides are complete")
+            return
+        self._peers[pid] = _Peer(link)
+        self._picker.add_peer(pid, link.their_bitfield)
+        # Chunks we verified after the bitfield we sent was taken would otherwise go unannounced.
+        have = self.data.have()
+        for index in have:
+            if index not in up.sent and index not in link.their_bitfield:
+                link.post(Have(index))
+        log.info("link %s %r up (%d links)", self.manifest.name, link, len(self._peers))
+        self._fill(pid)
+
+    def _on_link_down(self, link: PeerLink, reason: str) -> None:
+        if self._current(link) is None:
+            return
+        log.info("link %s %r down: %s", self.manifest.name, link, reason)
+        self._drop_peer(link.peer_id)
+        self._fill_all()
+
+    def _drop_peer(self, pid: bytes) -> None:
+        del self._peers[pid]
+        self._picker.remove_peer(pid)
+
+    def _on_have(self, link: PeerLink, index: int) -> None:
+        if self._current(link) is None:
+            return
+        self._picker.peer_has(link.peer_id, index)
+        if self._picker.is_missing(index):
+            self._fill(link.peer_id)
+        elif self.satisfied and self._want_all and link.their_bitfield.complete:
+            link.close("nothing to trade: both sides are complete")
+
+    def _on_reject(self, link: PeerLink, reject: Reject) -> None:
+        if self._current(link) is None:
+            return
+        log.debug("%r rejected chunk %d: %s", link, reject.index, reject.reason)
+        self._picker.rejected(link.peer_id, reject.index)
+        self._fill_all()
+
+    def _on_chunk(self, link: PeerLink, chunk: Chunk) -> None:
+        peer = self._current(link)
+        index = chunk.index
+        if peer is None or index >= len(self._lengths) or not self._picker.is_missing(index):
+            # Late (a duplicate already written) or unasked: not worth a hash.
+            self.wasted_bytes += chunk.size
+            self._tokens.release()
+            return
+        peer.verifying += 1
+        self._writing[index] = self._writing.get(index, 0) + 1
+        self._write_send.send_nowait(_WriteJob(link, index, chunk.data))
+        self._fill(link.peer_id)
+
+    def _on_written(self, written: _Written) -> None:
+        index = written.index
+        left = self._writing.get(index, 1) - 1
+        if left:
+            self._writing[index] = left
+        else:
+            self._writing.pop(index, None)
+        link = written.link
+        pid = link.peer_id
+        peer = self._current(link)
+        if peer is not None:
+            peer.verifying -= 1
+        if written.corrupt:
+            self._ban(link, index)
+            return
+        if written.error is not None:
+            self._fail(f"cannot store chunk {index}: {written.error}")
+            return
+        refill = {pid}
+        if written.newly:
+            if link.role is Role.STORAGE:
+                self.bytes_from_centers += written.size
+            else:
+                self.bytes_from_peers += written.size
+            self._sources.add(pid)
+            if peer is not None:
+                peer.chunks += 1
+                peer.bytes += written.size
+            for got in written.newly:
+                for other, cancelled in self._picker.received(pid, got):
+                    other_peer = self._peers.get(other) if isinstance(other, bytes) else None
+                    if other_peer is not None:
+                        other_peer.link.post(Cancel(cancelled))
+                        refill.add(other_peer.link.peer_id)
+                if got not in self._wanted and not self._want_all:
+                    continue
+                self._done_bytes += self._lengths[got]
+            for got in written.newly:
+                for other_peer in self._peers.values():
+                    if got not in other_peer.link.their_bitfield:
+                        other_peer.link.post(Have(got))
+        else:
+            self.wasted_bytes += written.size
+            self._picker.received(pid, index)
+        for key in refill:
+            if key in self._peers:
+                self._fill(key)
+        if self._picker.complete and not self._writing:
+            self._on_wanted_here()
+
+    def _on_wanted_here(self) -> None:
+        if self._want_all:
+            if not self.verified:
+                self._start_verify()
+            return
+        log.info("template %s: every wanted chunk is here", self.manifest.name)
+
+    def _start_verify(self) -> None:
+        if self._verifying_image:
+            return
+        self._verifying_image = True
+        self._write_send.send_nowait(_VerifyJob())
+
+    def _on_verified(self, ok: bool) -> None:
+        self._verifying_image = False
+        if ok:
+            self.verified = True
+            self.error = None
+            log.info(
+                "template %s %s complete and verified (%d bytes from centers, %d from peers)",
+                self.manifest.name,
+                self.manifest.version,
+                self.bytes_from_centers,
+                self.bytes_from_peers,
+            )
+            for peer in list(self._peers.values()):
+                if peer.link.role is Role.STORAGE or peer.link.their_bitfield.complete:
+                    peer.link.close("nothing to trade: both sides are complete")
+            return
+        self._fail(
+            f"image of {self.manifest.name} {self.manifest.version} does not match its "
+            "whole-image digest although every chunk verified"
+        )
+
+    def _ban(self, link: PeerLink, index: int) -> None:
+        pid = link.peer_id
+        self.corrupt_chunks += 1
+        record = self.banned.get(pid)
+        if record is None:
+            reason = f"sent a corrupt copy of chunk {index}"
+            self.banned[pid] = BanRecord(pid, link.their.listen or link.address, reason)
+            log.warning("banning %r for %s: %s", link, self.manifest.name, reason)
+        else:
+            record.corrupt_chunks += 1
+        self._picker.failed(pid, index)
+        if self._current(link) is not None:
+            del self._peers[pid]
+        self._picker.ban(pid)
+        link.close(f"you sent a corrupt copy of chunk {index}")
+        self._fill_all()
+
+    def _fail(self, reason: str) -> None:
+        if self.error is None:
+            log.error("template %s: %s", self.manifest.name, reason)
+        self.error = reason
+
+    def _on_want(self, indices: tuple[int, ...] | None) -> None:
+        if indices is None:
+            self._want_all = True
+        else:
+            self._wanted.update(i for i in indices if 0 <= i < len(self._lengths))
+        self.error = None
+        self._unavailable_since = None
+        self._next_discovery = -math.inf
+        self._picker = self._new_picker()
+        for pid, peer in self._peers.items():
+            self._picker.add_peer(pid, peer.link.their_bitfield)
+        for pid in self.banned:
+            self._picker.ban(pid)
+        self._total_bytes, self._done_bytes = self._count_bytes()
+        self._fill_all()
+        if self._picker.complete and not self._writing:
+            self._on_wanted_here()
+
+    def _on_tick(self) -> None:
+        now = trio.current_time()
+        for pid, index in self._picker.expired(now):
+            self.timeouts += 1
+            peer = self._peers.get(pid) if isinstance(pid, bytes) else None
+            if peer is not None:
+                peer.timeouts += 1
+                peer.link.post(Cancel(index))
+                log.info("request for chunk %d to %r timed out", index, peer.link)
+        if self._lost:
+            lost, self._lost = self._lost, set()
+            log.warning("chunks %s became unreadable here; fetching them again", sorted(lost))
+            self.verified = False
+            self._on_want(None if self._want_all else ())
+        self._fill_all()
+        self.rate = self._down_meter.sample(now, self.bytes_from_centers + self.bytes_from_peers)
+        self.upload_rate = self._up_meter.sample(now, self._bytes_up())
+        if self._picker.complete:
+            self._unavailable_since = None
+            return
+        unavailable = self._picker.unavailable()
+        if unavailable:
+            if self._unavailable_since is None:
+                self._unavailable_since = now
+            elif now - self._unavailable_since >= self.config.no_source_timeout:
+                more = f" (and {len(unavailable) - 1} more)" if len(unavailable) > 1 else ""
+                self._fail(f"no source holds chunk {unavailable[0]}{more}")
+        else:
+            self._unavailable_since = None
+            if self.error is not None and self.error.startswith("no source"):
+                self.error = None
+        short = len(self._peers) < self.config.wanted_links or bool(unavailable)
+        if short and not self._discovering and now >= self._next_discovery:
+            self._discover(now)
+
+    # -- pipelines -------------------------------------------------------------------------------
+
+    def _fill(self, pid: bytes) -> None:
+        peer = self._peers[pid]
+        if peer.link.closing:
+            return
+        now = trio.current_time()
+        limit = self._depth + peer.verifying
+        for index in self._picker.pick(pid, now, limit=limit):
+            peer.link.post(Request(index))
+
+    def _fill_all(self) -> None:
+        if self._picker.complete:
+            return
+        for pid in list(self._peers):
+            self._fill(pid)
+
+    # -- peers: discovery and dialing ---------------------------------------------------------
+
+    def _discover(self, now: float) -> None:
+        if self._find_peers is None or self._nursery is None:
+            return
+        self._discovering = True
+        self._next_discovery = now + self.config.discovery_interval
+        self._nursery.start_soon(self._discover_task)
+
+    async def _discover_task(self) -> None:
+        found: list[PeerAddress] = []
+        try:
+            assert self._find_peers is not None
+            found = await self._find_peers(self.template_id, self.data.have())
+        except Exception as exc:  # noqa: BLE001 (a broken finder must not end the download)
+            log.warning("peer discovery for %s failed: %s", self.manifest.name, exc)
+        finally:
+            self._discovering = False
+        await self._send.send((None, _Found(tuple(found))))
+
+    def _dial(self, address: PeerAddress, *, explicit: bool = False) -> None:
+        if self._nursery is None:
+            return
+        if address.peer_id is not None and (
+            address.peer_id == self.local.peer_id
+            or address.peer_id in self.banned
+            or address.peer_id in self._peers
+        ):
+            return
+        key = (address.host, address.port)
+        if key in self._dialing or key == self.local.listen:
+            return
+        if any(p.link.their.listen == key for p in self._peers.values()):
+            return
+        now = trio.current_time()
+        failed_at = self._dial_failed.get(key)
+        if not explicit and failed_at is not None and now - failed_at < self.config.redial_after:
+            return
+        if not explicit and len(self._peers) + len(self._dialing) >= self.config.max_links:
+            return
+        if self._want_all and self.satisfied and not explicit:
+            return
+        if self._budget is not None and not self._budget.try_acquire():
+            return
+        self._dialing.add(key)
+        self._nursery.start_soon(self._dial_task, address)
+
+    async def _dial_task(self, address: PeerAddress) -> None:
+        # Only sync bookkeeping of the dial sets happens here, never across an await.
+        key = (address.host, address.port)
+        try:
+            try:
+                with trio.fail_after(self.config.connect_timeout):
+                    stream = await trio.open_tcp_stream(address.host, address.port)
+                link = await peer_link.connect(
+                    stream,
+                    self.local,
+                    self.template_id,
+                    self.data.have(),
+                    max_chunk_size=self.manifest.chunk_size,
+                    options=self.config.link,
+                )
+            except (OSError, trio.TooSlowError, HandshakeError) as exc:
+                self._dial_failed[key] = trio.current_time()
+                log.info("cannot link to %s:%d for %s: %s", *key, self.manifest.name, exc)
+                return
+            finally:
+                self._dialing.discard(key)
+            await self.run_link(link)
+        finally:
+            if self._budget is not None:
+                self._budget.release()
+
+    # -- background tasks -----------------------------------------------------------------------
+
+    async def _ticker(self) -> None:
+        while True:
+            await self._send.send((None, _Tick()))
+            await trio.sleep(self.config.tick_interval)
+
+    async def _writer(self) -> None:
+        async for job in self._write_receive:
+            if isinstance(job, _VerifyJob):
+                ok = await trio.to_thread.run_sync(self.data.verify_image)
+                await self._send.send((None, _Verified(ok)))
+                continue
+            size = len(job.data)
+            try:
+                try:
+                    newly = await trio.to_thread.run_sync(
+                        self.data.write_chunk, job.index, job.data
+                    )
+                    result = _Written(job.link, job.index, size, newly=tuple(newly))
+                except ChunkMismatch:
+                    result = _Written(job.link, job.index, size, corrupt=True)
+                except StoreError as exc:
+                    result = _Written(job.link, job.index, size, error=str(exc))
+            finally:
+                self._tokens.release()
+            await self._send.send((None, result))
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _signal(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _bytes_up(self) -> int:
+        return self._retired_out + sum(link.bytes_out for link in self._all_links)
+
+    def _new_picker(self) -> Picker:
+        count = len(self._lengths)
+        have = self.data.have()
+        skip = None
+        if not self._want_all:
+            skip = Bitfield.from_indices(count, (i for i in range(count) if i not in self._wanted))
+        return Picker(self._lengths, have, skip=skip, config=self.config.picker, rng=self._rng)
+
+    def _count_bytes(self) -> tuple[int, int]:
+        have = self.data.have()
+        zero = self.manifest.zero_chunks
+        total = done = 0
+        for index, length in enumerate(self._lengths):
+            if index in zero or not (self._want_all or index in self._wanted):
+                continue
+            total += length
+            if index in have:
+                done += length
+        return total, done
+
+
+def _percent(have: int, count: int) -> float:
+    return 100.0 if count == 0 else round(100.0 * have / count, 2)
+
+
+def _prefer(new: PeerLink, old: PeerLink) -> bool:
+    """Of two links to one peer, keep the one opened by the lower peer id (both sides agree)."""
+
+    def opener(link: PeerLink) -> bytes:
+        return link.our.peer_id if link.outbound else link.peer_id
+
+    return opener(new) < opener(old)

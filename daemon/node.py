@@ -1,0 +1,481 @@
+"""A vmswarm daemon (host or storage center): one TCP port, a control socket, a swarm per template.
+
+The first frame of an inbound TCP connection decides what it is: an RPC Call (a publisher asking a
+storage center to `replicate`) or a peer Handshake, handed to that template's TemplateDownload.
+A host keeps each template in an ImageStore under DATA_DIR/templates and resumes unfinished ones
+on start; a storage center keeps chunks in a ChunkStore under DATA_DIR/chunks and serves every
+template whose manifest it stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.lowlevel
+
+from ..swarm.address import format_address
+from ..swarm.connection import Connection
+from ..swarm.manifest import Manifest
+from ..swarm.messages import PEER_ID_LENGTH, Role
+from ..swarm.rpc import is_rpc_frame_type
+from .chunkstore import ChunkStore
+from .control import DEFAULT_CONTROL_NAME, control_handlers, open_control_listener
+from .download import (
+    ConnectionBudget,
+    DownloadConfig,
+    DownloadFailed,
+    PeerAddress,
+    Progress,
+    TemplateDownload,
+)
+from .imagestore import ImageStore
+from .journal import atomic_write
+from .peer_link import HANDSHAKE_TIMEOUT, HandshakeError, LocalPeer, read_handshake, refuse
+from .rpc import Handler, Notifier, RpcError, serve_rpc
+from .storeerrors import StoreCorruptError, StoreError
+from .template_sources import CenterTemplate, HostTemplate, TemplateData
+from .tracker_client import TemplateHave, TrackerUnreachable
+from .tracker_link import TrackerLink
+
+log = logging.getLogger(__name__)
+
+PEER_ID_FILE = "peer_id"
+TEMPLATES_DIR = "templates"
+CHUNKS_DIR = "chunks"
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything `vmswarm daemon run` configures."""
+
+    role: Role
+    data_dir: Path
+    listen: tuple[str, int] = ("127.0.0.1", 0)
+    tracker: tuple[str, int] | None = None
+    control_path: Path | None = None
+    rack: str | None = None
+    max_peers: int = 64
+    upload_slots: int = 8
+    download: DownloadConfig = field(default_factory=DownloadConfig)
+
+    @property
+    def control(self) -> Path:
+        return self.control_path or self.data_dir / DEFAULT_CONTROL_NAME
+
+
+class NodeError(Exception):
+    """The daemon cannot start; the message says why."""
+
+
+def load_peer_id(data_dir: Path) -> bytes:
+    """This node's 16-byte peer id, created once and kept in DATA_DIR/peer_id."""
+    path = data_dir / PEER_ID_FILE
+    try:
+        value = path.read_bytes()
+    except FileNotFoundError:
+        value = secrets.token_bytes(PEER_ID_LENGTH)
+        atomic_write(path, value, "peer id")
+        return value
+    if len(value) != PEER_ID_LENGTH:
+        raise NodeError(f"{path} holds {len(value)} bytes, not a {PEER_ID_LENGTH}-byte peer id")
+    return value
+
+
+class Node:
+    """One daemon's state: its stores, its templates' swarms, its tracker link."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.role = config.role
+        self.data_dir = Path(config.data_dir)
+        self.peer_id = b""
+        self.local = LocalPeer(b"\0" * PEER_ID_LENGTH, config.role, None)
+        self.templates: dict[bytes, TemplateDownload] = {}
+        self.budget = ConnectionBudget(config.max_peers)
+        self.upload_slots = trio.Semaphore(config.upload_slots)
+        self.chunk_store: ChunkStore | None = None
+        self.tracker: TrackerLink | None = None
+        self.bound: tuple[str, int] | None = None
+        self._nursery: trio.Nursery | None = None
+        self._adding: dict[bytes, trio.Event] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; `started` gets the bound TCP (host, port)."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        control = await open_control_listener(self.config.control)
+        try:
+            self.peer_id = load_peer_id(self.data_dir)
+            listeners = await trio.open_tcp_listeners(
+                self.config.listen[1], host=self.config.listen[0] or None
+            )
+            sockname = listeners[0].socket.getsockname()
+            host = self.config.listen[0] or str(sockname[0])
+            self.bound = (str(sockname[0]), int(sockname[1]))
+            self.local = LocalPeer(self.peer_id, self.role, (host, self.bound[1]))
+            self.tracker = TrackerLink(
+                self.config.tracker, self.local, self._holdings, rack=self.config.rack
+            )
+            sources = await self._open_stores()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                for data in sources:
+                    await self._start_template(data)
+                await nursery.start(self.tracker.run)
+                await nursery.start(trio.serve_listeners, self._inbound, listeners)
+                await nursery.start(trio.serve_listeners, self._control_session, [control])
+                log.info(
+                    "%s daemon %s listening on %s, control %s, tracker %s, %d templates",
+                    self.role.value,
+                    self.peer_id.hex(),
+                    format_address(*self.bound),
+                    self.config.control,
+                    self.tracker.label,
+                    len(self.templates),
+                )
+                task_status.started(self.bound)
+        finally:
+            with trio.CancelScope(shield=True):
+                await control.aclose()
+                with contextlib.suppress(FileNotFoundError):
+                    self.config.control.unlink()
+                if self.tracker is not None:
+                    with contextlib.suppress(*_STREAM_ERRORS):
+                        await self.tracker.aclose()
+                for download in self.templates.values():
+                    with contextlib.suppress(StoreError, OSError):
+                        download.data.close()
+
+    async def _open_stores(self) -> list[TemplateData]:
+        if self.role is Role.STORAGE:
+            return await trio.to_thread.run_sync(self._open_center_stores)
+        return await trio.to_thread.run_sync(self._open_host_stores)
+
+    def _open_center_stores(self) -> list[TemplateData]:
+        store = ChunkStore(self.data_dir / CHUNKS_DIR)
+        self.chunk_store = store
+        return [CenterTemplate(store, manifest) for manifest in store.manifests()]
+
+    def _open_host_stores(self) -> list[TemplateData]:
+        directory = self.data_dir / TEMPLATES_DIR
+        found: list[TemplateData] = []
+        for manifest in ImageStore.list_templates(directory):
+            try:
+                found.append(HostTemplate(ImageStore(directory, manifest)))
+            except StoreError as exc:
+                log.error("cannot open template %s %s: %s", manifest.name, manifest.version, exc)
+                continue
+            store = found[-1]
+            assert isinstance(store, HostTemplate)
+            if store.store.dropped_on_open:
+                log.warning(
+                    "template %s: %d chunks did not survive the last stop; fetching them again",
+                    manifest.name,
+                    len(store.store.dropped_on_open),
+                )
+        return found
+
+    async def _start_template(self, data: TemplateData) -> TemplateDownload:
+        assert self._nursery is not None
+        want_all = self.role is Role.HOST
+        download = TemplateDownload(
+            data,
+            self.local,
+            upload_slots=self.upload_slots,
+            want=None if want_all else (),
+            want_all=want_all,
+            find_peers=self._find_peers,
+            budget=self.budget,
+            config=self.config.download,
+        )
+        self.templates[download.template_id] = download
+        await self._nursery.start(download.run)
+        if self.tracker is not None:
+            self.tracker.announce_soon()
+        return download
+
+    def _holdings(self) -> list[TemplateHave]:
+        return [
+            TemplateHave.from_bitfield(tid, download.data.have())
+            for tid, download in self.templates.items()
+        ]
+
+    async def _find_peers(self, template_id: bytes, bits: Any) -> list[PeerAddress]:
+        if self.tracker is None:
+            return []
+        return await self.tracker.find_peers(template_id, bits)
+
+    # -- inbound TCP ---------------------------------------------------------------------------
+
+    async def _inbound(self, stream: trio.SocketStream) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                first = await _read_prefix(stream, 5)
+        except (trio.TooSlowError, *_STREAM_ERRORS):
+            await trio.aclose_forcefully(stream)
+            return
+        if first is None:
+            await trio.aclose_forcefully(stream)
+            return
+        if is_rpc_frame_type(first[4]):
+            await serve_rpc(stream, self._tcp_handlers(), first_bytes=first)
+            return
+        conn = Connection(self.role)
+        if not self.budget.try_acquire():
+            await refuse(stream, conn, f"too many connections (at most {self.budget.limit})")
+            return
+        try:
+            try:
+                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                    their = await read_handshake(stream, conn, first)
+            except (HandshakeError, trio.TooSlowError, *_STREAM_ERRORS) as exc:
+                log.info("inbound handshake failed: %s", exc)
+                await trio.aclose_forcefully(stream)
+                return
+            download = self.templates.get(their.template_id)
+            if download is None:
+                await refuse(stream, conn, f"unknown template {their.template_id.hex()}")
+                return
+            await download.accept(stream, conn, their)
+        finally:
+            self.budget.release()
+
+    def _tcp_handlers(self) -> dict[str, Handler]:
+        if self.role is Role.STORAGE:
+            return {"replicate": self._replicate}
+        return {}
+
+    async def _control_session(self, stream: trio.SocketStream) -> None:
+        await serve_rpc(stream, control_handlers(self))
+
+    # -- storage: replicate ----------------------------------------------------------------------
+
+    async def _replicate(self, params: dict[str, Any], notifier: Notifier) -> dict[str, Any]:
+        """Store a manifest and pull the listed chunks this center lacks from the sources."""
+        raw = params["manifest"]
+        indices = params.get("indices", [])
+        sources = params.get("sources")
+        if sources is None and params.get("source") is not None:
+            sources = [params["source"]]
+        if type(raw) is not bytes:
+            raise ValueError("manifest must be bytes")
+        if type(indices) is not list or not all(type(i) is int for i in indices):
+            raise ValueError("indices must be a list of chunk indices")
+        addresses = [_source_address(s) for s in sources or []]
+        assert self.chunk_store is not None
+        try:
+            manifest = await trio.to_thread.run_sync(self.chunk_store.put_manifest, raw)
+        except StoreCorruptError as exc:
+            raise RpcError("bad_manifest", str(exc)) from None
+        bad = [i for i in indices if not 0 <= i < manifest.chunk_count]
+        if bad:
+            raise ValueError(f"chunk indices out of range 0..{manifest.chunk_count - 1}: {bad[:5]}")
+        download = await self._center_template(manifest)
+        wanted = sorted({i for i in indices if i not in manifest.zero_chunks})
+        already = [i for i in wanted if download.data.has(i)]
+        missing = [i for i in wanted if not download.data.has(i)]
+        if missing:
+            if not addresses:
+                raise RpcError(
+                    "no_source", f"{len(missing)} chunks are missing and no source given"
+                )
+            await download.want(missing)
+            await download.add_sources(addresses)
+            try:
+                await download.wait_done()
+            except DownloadFailed as exc:
+                raise RpcError("replicate_failed", str(exc)) from None
+            await trio.to_thread.run_sync(self._refresh_centers, download.template_id)
+        if self.tracker is not None:
+            self.tracker.announce_soon()
+        stored = sum(1 for i in missing if download.data.has(i))
+        log.info(
+            "replicated %s %s: %d chunks stored, %d already held",
+            manifest.name,
+            manifest.version,
+            stored,
+            len(already),
+        )
+        return {
+            "template_id": manifest.template_id,
+            "stored": stored,
+            "already_had": len(already),
+        }
+
+    async def _center_template(self, manifest: Manifest) -> TemplateDownload:
+        existing = self.templates.get(manifest.template_id)
+        if existing is not None:
+            return existing
+        assert self.chunk_store is not None
+        store = self.chunk_store
+        return await self._add_template(
+            manifest.template_id,
+            lambda: CenterTemplate(store, manifest),
+        )
+
+    def _refresh_centers(self, skip: bytes) -> None:
+        # Chunks are shared by digest, so another template may just have gained some.
+        for tid, download in list(self.templates.items()):
+            if tid != skip and isinstance(download.data, CenterTemplate):
+                download.data.refresh()
+
+    async def _add_template(self, template_id: bytes, opener: Any) -> TemplateDownload:
+        """Open a template's store in a thread and start its swarm, once even if asked twice."""
+        while template_id in self._adding:
+            await self._adding[template_id].wait()
+        existing = self.templates.get(template_id)
+        if existing is not None:
+            return existing
+        done = self._adding[template_id] = trio.Event()
+        try:
+            data = await trio.to_thread.run_sync(opener)
+            return await self._start_template(data)
+        finally:
+            del self._adding[template_id]
+            done.set()
+
+    # -- host: fetch -----------------------------------------------------------------------------
+
+    async def fetch(self, name: str, version: str | None, notifier: Notifier) -> dict[str, Any]:
+        """Get name[:version] onto this host, streaming progress; the fetch result."""
+        if self.role is not Role.HOST:
+            raise RpcError("wrong_role", "fetch runs on host daemons; this one is a storage center")
+        label = name if version is None else f"{name}:{version}"
+        started = trio.current_time()
+        download = self._local_template(name, version)
+        if download is None:
+            assert self.tracker is not None
+            try:
+                found = await self.tracker.lookup(name, version)
+            except TrackerUnreachable as exc:
+                raise RpcError("tracker_unreachable", f"cannot look up {label}: {exc}") from None
+            manifest = found.manifest
+            directory = self.data_dir / TEMPLATES_DIR
+            try:
+                download = await self._add_template(
+                    manifest.template_id,
+                    lambda: HostTemplate(ImageStore(directory, manifest)),
+                )
+            except StoreError as exc:
+                raise RpcError("store_error", f"cannot store {label}: {exc}") from None
+        if download.error is not None:
+            await download.retry()
+            await trio.lowlevel.checkpoint()
+
+        async def progress(p: Progress) -> None:
+            await notifier.notify("progress", _progress_notice(p))
+
+        try:
+            final = await download.wait_done(progress)
+        except DownloadFailed as exc:
+            code = "no_source" if str(exc).startswith("no source") else "fetch_failed"
+            raise RpcError(code, f"cannot fetch {label}: {exc}") from None
+        manifest = download.manifest
+        return {
+            "template_id": manifest.template_id.hex(),
+            "name": manifest.name,
+            "version": manifest.version,
+            "path": str(download.data.path),
+            "size": manifest.size,
+            "seconds": round(trio.current_time() - started, 3),
+            "bytes_from_centers": final.bytes_from_centers,
+            "bytes_from_peers": final.bytes_from_peers,
+            "sources": final.sources,
+        }
+
+    def _local_template(self, name: str, version: str | None) -> TemplateDownload | None:
+        """A template held here by name and version (a version is needed: "latest" asks)."""
+        if version is None:
+            return None
+        for download in self.templates.values():
+            if download.manifest.name == name and download.manifest.version == version:
+                return download
+        return None
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        tracker = self.tracker
+        return {
+            "peer_id": self.peer_id.hex(),
+            "role": self.role.value,
+            "listen": None if self.local.listen is None else list(self.local.listen),
+            "rack": self.config.rack,
+            "connections": self.budget.in_use,
+            "max_peers": self.budget.limit,
+            "tracker": {
+                "address": None if tracker is None else tracker.label,
+                "connected": tracker is not None and tracker.connected,
+                "last_error": None if tracker is None else tracker.last_error,
+            },
+            "templates": [d.status() for d in self.templates.values()],
+        }
+
+
+def _progress_notice(p: Progress) -> dict[str, Any]:
+    return {
+        "done_bytes": p.done_bytes,
+        "total_bytes": p.total_bytes,
+        "rate": p.rate,
+        "sources": p.sources,
+        "links": p.links,
+        "bytes_from_centers": p.bytes_from_centers,
+        "bytes_from_peers": p.bytes_from_peers,
+        "eta": p.eta,
+    }
+
+
+def _source_address(value: object) -> PeerAddress:
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and type(value[0]) is str
+        and type(value[1]) is int
+    ):
+        return PeerAddress(value[0], value[1])
+    raise ValueError(f"a source must be [host, port], got {value!r:.60}")
+
+
+async def _read_prefix(stream: trio.abc.ReceiveStream, count: int) -> bytes | None:
+    """At least `count` bytes from the stream (maybe more), or None if it ends first."""
+    data = b""
+    while len(data) < count:
+        more = await stream.receive_some(1 << 16)
+        if not more:
+            return None
+        data += more
+    return data
+
+
+async def run(
+    config: NodeConfig,
+    *,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a daemon until cancelled; `started` gets the bound TCP address."""
+    await Node(config).run(task_status=task_status)
+
+
+async def run_until_signalled(config: NodeConfig) -> None:
+    """Run a daemon until SIGTERM or SIGINT, then stop cleanly (stores checkpointed)."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run, config)
+            async for signum in signals:
+                log.info("got %s; stopping", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+__all__ = ["Node", "NodeConfig", "NodeError", "load_peer_id", "run", "run_until_signalled"]

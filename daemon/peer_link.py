@@ -1,0 +1,531 @@
+"""One peer link on a trio stream: handshake, a reader that reports events, one send lock.
+
+The reader task turns bytes into events: Requests and Cancels go straight to the link's
+`RequestSink` (the chunk server), everything the template's owner must know goes into its
+bounded memory channel as `(link, event)`. Control messages the owner sends are queued with
+`post` (never blocks the owner) and written by the link's own writer task; chunk payloads go
+through `send_chunk`, header and payload as separate buffers. Time is trio's clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+from ..swarm.bitfield import Bitfield as ChunkSet
+from ..swarm.connection import NEED_DATA, Connection, ConnectionClosed, Sentinel
+from ..swarm.errors import LocalProtocolError, RemoteProtocolError
+from ..swarm.framing import MAX_CHUNK_SIZE
+from ..swarm.messages import (
+    PROTOCOL_VERSION,
+    Bitfield,
+    Cancel,
+    Chunk,
+    ControlMessage,
+    Goodbye,
+    Handshake,
+    Have,
+    KeepAlive,
+    Message,
+    Reject,
+    Request,
+    Role,
+)
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 1 << 20
+HANDSHAKE_TIMEOUT = 10.0
+KEEPALIVE_INTERVAL = 30.0
+IDLE_TIMEOUT = 120.0
+# How long a closing link may spend flushing its Goodbye to a peer that does not read.
+CLOSE_GRACE = 2.0
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class HandshakeError(Exception):
+    """The peer did not complete the handshake; the message says why."""
+
+
+class LinkRefused(HandshakeError):
+    """The peer said Goodbye instead of a handshake (unknown template, banned, full, ...)."""
+
+
+@dataclass(frozen=True)
+class LocalPeer:
+    """Who we are on the wire."""
+
+    peer_id: bytes
+    role: Role
+    listen: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class LinkOptions:
+    """Per-link tunables."""
+
+    receive_size: int = RECEIVE_SIZE
+    keepalive_interval: float = KEEPALIVE_INTERVAL
+    idle_timeout: float = IDLE_TIMEOUT
+    handshake_timeout: float = HANDSHAKE_TIMEOUT
+
+
+@dataclass(frozen=True)
+class LinkUp:
+    """The link is ready; `bitfield` is the peer's, `sent` the one we announced."""
+
+    bitfield: ChunkSet
+    sent: ChunkSet
+
+
+@dataclass(frozen=True)
+class LinkDown:
+    """The link is gone (closed by either side, broken, or a protocol error)."""
+
+    reason: str
+
+
+LinkEvent = LinkUp | LinkDown | Have | Chunk | Reject
+
+
+class RequestSink(Protocol):
+    """Where a link hands the Requests and Cancels it reads (the chunk server)."""
+
+    def request(self, index: int) -> None: ...
+
+    def cancel(self, index: int) -> None: ...
+
+    async def run(self) -> None: ...
+
+
+EventSender = trio.MemorySendChannel[tuple["PeerLink", LinkEvent]]
+
+
+def _now() -> float:
+    return trio.current_time()
+
+
+class PeerLink:
+    """A handshaken link to one peer for one template."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: Connection,
+        their: Handshake,
+        *,
+        our: LocalPeer,
+        outbound: bool,
+        their_bitfield: ChunkSet,
+        our_bitfield: ChunkSet,
+        pending: list[Message] | None = None,
+        options: LinkOptions | None = None,
+    ) -> None:
+        options = options or LinkOptions()
+        self.stream = stream
+        self.conn = conn
+        self.their = their
+        self.our = our
+        self.outbound = outbound
+        self.their_bitfield = their_bitfield
+        self.our_bitfield = our_bitfield
+        self.address = _remote_address(stream)
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.chunks_in = 0
+        self.chunks_out = 0
+        self.close_reason: str | None = None
+        self._pending = list(pending or [])
+        self._receive_size = options.receive_size
+        self._keepalive_interval = options.keepalive_interval
+        self._idle_timeout = options.idle_timeout
+        self._send_lock = trio.Lock()
+        self._outbox: deque[ControlMessage] = deque()
+        self._outbox_ready = trio.Event()
+        self._scope: trio.CancelScope | None = None
+        self._closing = False
+        self._goodbye: str | None = None
+
+    # -- identity ------------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> bytes:
+        return self.their.peer_id
+
+    @property
+    def role(self) -> Role:
+        return self.their.role
+
+    @property
+    def template_id(self) -> bytes:
+        return self.their.template_id
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def __repr__(self) -> str:
+        direction = "to" if self.outbound else "from"
+        return f"<PeerLink {direction} {self.peer_id.hex()[:8]} {self.role.value} {self.address}>"
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def post(self, message: ControlMessage) -> None:
+        """Queue a control message; the link's writer sends it. Never blocks."""
+        if self._closing:
+            return
+        self._outbox.append(message)
+        self._outbox_ready.set()
+
+    async def send_chunk(self, index: int, data: bytes | memoryview) -> bool:
+        """Send one chunk under the send lock; False if the link is closing."""
+        async with self._send_lock:
+            if self._closing:
+                return False
+            parts = self.conn.send_parts(Chunk(index, data), now=_now())
+            for part in parts:
+                await self.stream.send_all(part)
+                self.bytes_out += len(part)
+        self.chunks_out += 1
+        return True
+
+    def close(self, reason: str) -> None:
+        """Say Goodbye(reason) and tear the link down; never blocks."""
+        if self._closing:
+            return
+        self.close_reason = reason
+        self._goodbye = reason
+        self._closing = True
+        self._outbox_ready.set()
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._outbox_ready.wait()
+            self._outbox_ready = trio.Event()
+            if self._outbox:
+                batch = []
+                now = _now()
+                while self._outbox:
+                    batch.append(self.conn.send(self._outbox.popleft(), now=now))
+                data = b"".join(batch)
+                async with self._send_lock:
+                    await self.stream.send_all(data)
+                self.bytes_out += len(data)
+            if self._closing:
+                await self._say_goodbye()
+                return
+
+    async def _say_goodbye(self) -> None:
+        reason = self._goodbye or "closing"
+        with trio.move_on_after(CLOSE_GRACE):
+            async with self._send_lock:
+                with contextlib.suppress(LocalProtocolError):
+                    await self.stream.send_all(self.conn.send(Goodbye(reason[:1000]), now=_now()))
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _keepalive_loop(self) -> None:
+        period = max(min(self._keepalive_interval, self._idle_timeout) / 2, 0.01)
+        while True:
+            await trio.sleep(period)
+            now = _now()
+            if self.conn.idle_for(now) >= self._idle_timeout:
+                self.close(f"idle for {self._idle_timeout:g}s")
+                return
+            if self.conn.keepalive_due(now, self._keepalive_interval) and not self._outbox:
+                self.post(KeepAlive())
+
+    # -- receiving -----------------------------------------------------------------------------
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some(self._receive_size)
+        self.bytes_in += len(data)
+        self.conn.receive_data(data, now=_now())
+
+    async def _read_loop(
+        self,
+        events: EventSender | None,
+        sink: RequestSink | None,
+        chunk_tokens: trio.Semaphore | None,
+    ) -> str:
+        """Read until the link ends; returns why it ended."""
+        pending = self._pending
+        self._pending = []
+        while True:
+            if pending:
+                event: object = pending.pop(0)
+            else:
+                event = self.conn.next_event()
+            if event is NEED_DATA:
+                await self._fill()
+                continue
+            if isinstance(event, ConnectionClosed) or event is Sentinel.CLOSED:
+                return "peer closed the connection"
+            if isinstance(event, Goodbye):
+                return f"peer said goodbye: {event.reason}"
+            if isinstance(event, Request):
+                if sink is None:
+                    self.post(Reject(event.index, "this link does not serve chunks"))
+                else:
+                    sink.request(event.index)
+            elif isinstance(event, Cancel):
+                if sink is not None:
+                    sink.cancel(event.index)
+            elif isinstance(event, Have):
+                self.their_bitfield.add(event.index)
+                if events is not None:
+                    await events.send((self, event))
+            elif isinstance(event, Chunk):
+                self.chunks_in += 1
+                if events is None:
+                    continue
+                # Bounds the chunks held in memory between this read and their write.
+                if chunk_tokens is not None:
+                    await chunk_tokens.acquire()
+                try:
+                    await events.send((self, event))
+                except BaseException:
+                    if chunk_tokens is not None:
+                        chunk_tokens.release()
+                    raise
+            elif isinstance(event, Reject) and events is not None:
+                await events.send((self, event))
+            # KeepAlive and a late Bitfield carry nothing for the owner.
+
+    async def run(
+        self,
+        events: EventSender | None = None,
+        sink: RequestSink | None = None,
+        *,
+        chunk_tokens: trio.Semaphore | None = None,
+    ) -> str:
+        """Run the link until it ends: LinkUp first, LinkDown last into `events`.
+
+        Each Chunk event pushed holds one of `chunk_tokens`; its consumer releases it.
+        Returns why the link ended.
+        """
+        reason = "link closed"
+        try:
+            if events is not None:
+                await events.send((self, LinkUp(self.their_bitfield.copy(), self.our_bitfield)))
+            async with trio.open_nursery() as nursery:
+                self._scope = nursery.cancel_scope
+                nursery.start_soon(self._guard, self._write_loop)
+                nursery.start_soon(self._guard, self._keepalive_loop)
+                if sink is not None:
+                    nursery.start_soon(self._guard, sink.run)
+                reason = await self._read_guarded(events, sink, chunk_tokens)
+                nursery.cancel_scope.cancel()
+            if self.close_reason is not None:
+                reason = self.close_reason
+        except _STREAM_ERRORS as exc:
+            reason = self.close_reason or f"connection lost: {exc or type(exc).__name__}"
+        finally:
+            self._closing = True
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(self.stream)
+                if events is not None:
+                    with (
+                        trio.move_on_after(CLOSE_GRACE),
+                        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+                    ):
+                        await events.send((self, LinkDown(reason)))
+        log.debug("%r down: %s", self, reason)
+        return reason
+
+    async def _read_guarded(
+        self,
+        events: EventSender | None,
+        sink: RequestSink | None,
+        chunk_tokens: trio.Semaphore | None,
+    ) -> str:
+        try:
+            return await self._read_loop(events, sink, chunk_tokens)
+        except RemoteProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            self.close_reason = reason
+            await self._abort(reason)
+            return reason
+        except _STREAM_ERRORS as exc:
+            return self.close_reason or f"connection lost: {exc or type(exc).__name__}"
+
+    async def _guard(self, task: Callable[[], Awaitable[None]]) -> None:
+        """Run a link task; a broken stream just ends the link."""
+        try:
+            await task()
+        except _STREAM_ERRORS as exc:
+            if self.close_reason is None:
+                self.close_reason = f"connection lost: {exc or type(exc).__name__}"
+            if self._scope is not None:
+                self._scope.cancel()
+
+    async def _abort(self, reason: str) -> None:
+        self._closing = True
+        with (
+            trio.move_on_after(CLOSE_GRACE),
+            contextlib.suppress(LocalProtocolError, *_STREAM_ERRORS),
+        ):
+            async with self._send_lock:
+                await self.stream.send_all(self.conn.send(Goodbye(reason[:1000]), now=_now()))
+
+
+def _remote_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None
+    try:
+        name = sock.getpeername()
+    except OSError:
+        return None
+    if isinstance(name, tuple) and len(name) >= 2:
+        return (str(name[0]), int(name[1]))
+    return None
+
+
+# -- handshakes ---------------------------------------------------------------------------------
+
+
+async def _next_message(stream: trio.abc.Stream, conn: Connection) -> Message:
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            conn.receive_data(data, now=_now())
+            continue
+        if isinstance(event, ConnectionClosed) or event is Sentinel.CLOSED:
+            raise HandshakeError("peer closed the connection during the handshake")
+        assert isinstance(event, Message)
+        return event
+
+
+async def read_handshake(
+    stream: trio.abc.Stream, conn: Connection, first_bytes: bytes = b""
+) -> Handshake:
+    """The peer's Handshake (the first frame); LinkRefused if it says Goodbye instead."""
+    if first_bytes:
+        conn.receive_data(first_bytes, now=_now())
+    try:
+        message = await _next_message(stream, conn)
+    except RemoteProtocolError as exc:
+        raise HandshakeError(f"bad handshake: {exc}") from exc
+    if isinstance(message, Goodbye):
+        raise LinkRefused(message.reason)
+    if not isinstance(message, Handshake):
+        raise HandshakeError(f"expected a Handshake, got {type(message).__name__}")
+    return message
+
+
+async def _read_bitfield(
+    stream: trio.abc.Stream, conn: Connection, chunk_count: int
+) -> tuple[ChunkSet, list[Message]]:
+    """The peer's Bitfield; a peer that skips it holds nothing, and its first message is kept."""
+    try:
+        message = await _next_message(stream, conn)
+    except RemoteProtocolError as exc:
+        raise HandshakeError(f"bad bitfield: {exc}") from exc
+    if isinstance(message, Goodbye):
+        raise LinkRefused(message.reason)
+    if isinstance(message, Bitfield):
+        return ChunkSet(chunk_count, message.bits), []
+    return ChunkSet(chunk_count), [message]
+
+
+def _our_handshake(our: LocalPeer, template_id: bytes) -> Handshake:
+    return Handshake(PROTOCOL_VERSION, template_id, our.peer_id, our.listen, our.role)
+
+
+async def connect(
+    stream: trio.abc.Stream,
+    our: LocalPeer,
+    template_id: bytes,
+    have: ChunkSet,
+    *,
+    max_chunk_size: int = MAX_CHUNK_SIZE,
+    options: LinkOptions | None = None,
+) -> PeerLink:
+    """Open a link on a freshly connected stream: send ours, read theirs."""
+    conn = Connection(our.role, max_chunk_size=max_chunk_size, chunk_count=have.size, now=_now())
+    timeout = (options or LinkOptions()).handshake_timeout
+    try:
+        with trio.fail_after(timeout):
+            hello = conn.send(_our_handshake(our, template_id), now=_now())
+            hello += conn.send(Bitfield(have.to_bytes()), now=_now())
+            await stream.send_all(hello)
+            their = await read_handshake(stream, conn)
+            bits, pending = await _read_bitfield(stream, conn, have.size)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"no handshake within {timeout:g}s") from None
+    except (HandshakeError, *_STREAM_ERRORS) as exc:
+        await trio.aclose_forcefully(stream)
+        if isinstance(exc, HandshakeError):
+            raise
+        raise HandshakeError(f"connection lost during the handshake: {exc}") from exc
+    link = PeerLink(
+        stream,
+        conn,
+        their,
+        our=our,
+        outbound=True,
+        their_bitfield=bits,
+        our_bitfield=have,
+        pending=pending,
+        options=options,
+    )
+    link.bytes_out += len(hello)
+    return link
+
+
+async def accept(
+    stream: trio.abc.Stream,
+    conn: Connection,
+    their: Handshake,
+    our: LocalPeer,
+    have: ChunkSet,
+    *,
+    options: LinkOptions | None = None,
+) -> PeerLink:
+    """Finish an inbound handshake whose Handshake `read_handshake` already returned."""
+    conn.set_chunk_count(have.size)
+    timeout = (options or LinkOptions()).handshake_timeout
+    try:
+        with trio.fail_after(timeout):
+            hello = conn.send(_our_handshake(our, their.template_id), now=_now())
+            hello += conn.send(Bitfield(have.to_bytes()), now=_now())
+            await stream.send_all(hello)
+            bits, pending = await _read_bitfield(stream, conn, have.size)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise HandshakeError(f"no bitfield within {timeout:g}s") from None
+    except (HandshakeError, *_STREAM_ERRORS) as exc:
+        await trio.aclose_forcefully(stream)
+        if isinstance(exc, HandshakeError):
+            raise
+        raise HandshakeError(f"connection lost during the handshake: {exc}") from exc
+    link = PeerLink(
+        stream,
+        conn,
+        their,
+        our=our,
+        outbound=False,
+        their_bitfield=bits,
+        our_bitfield=have,
+        pending=pending,
+        options=options,
+    )
+    link.bytes_out += len(hello)
+    return link
+
+
+async def refuse(stream: trio.abc.Stream, conn: Connection, reason: str) -> None:
+    """Answer a handshake with Goodbye(reason) and close the stream."""
+    with trio.move_on_after(CLOSE_GRACE), contextlib.suppress(LocalProtocolError, *_STREAM_ERRORS):
+        await stream.send_all(conn.send(Goodbye(reason[:1000]), now=_now()))
+    await trio.aclose_forcefully(stream)

@@ -1,0 +1,200 @@
+"""Publish a template: build its manifest, have the storage centers pull their stripes, register it.
+
+The publisher seeds the image over the peer protocol for as long as it runs; each center pulls
+the chunks that rendezvous hashing gives it, verifying every one, and skips the ones it holds.
+The catalog entry is written last, so it never names chunks that no center stores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ..swarm.manifest import DEFAULT_CHUNK_SIZE, Manifest
+from ..swarm.messages import Role
+from ..swarm.placement import assign
+from .imagefile import manifest_from_file
+from .peer_link import LocalPeer
+from .rpc import RpcClient, RpcError
+from .serving import run_seeder
+from .template_sources import ImageFileTemplate
+from .tracker_client import CenterInfo, TrackerClient, TrackerUnreachable
+
+log = logging.getLogger(__name__)
+
+REPLICATE_TIMEOUT = 3600.0
+
+
+class PublishError(Exception):
+    """Publishing cannot go on; the message says why."""
+
+
+@dataclass(frozen=True)
+class CenterResult:
+    center_id: str
+    address: str
+    chunks: int
+    stored: int
+    already_had: int
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    manifest: Manifest
+    created: bool
+    replicas: int
+    seconds: float
+    centers: list[CenterResult] = field(default_factory=list)
+
+    @property
+    def chunks_moved(self) -> int:
+        return sum(c.stored for c in self.centers)
+
+    def summary(self) -> dict[str, Any]:
+        m = self.manifest
+        return {
+            "template_id": m.template_id.hex(),
+            "name": m.name,
+            "version": m.version,
+            "size": m.size,
+            "chunks": m.chunk_count,
+            "zero_chunks": len(m.zero_chunks),
+            "replicas": self.replicas,
+            "created": self.created,
+            "chunks_moved": self.chunks_moved,
+            "seconds": round(self.seconds, 3),
+            "centers": [
+                {
+                    "center_id": c.center_id,
+                    "address": c.address,
+                    "chunks": c.chunks,
+                    "stored": c.stored,
+                    "already_had": c.already_had,
+                }
+                for c in self.centers
+            ],
+        }
+
+
+def placement_for(
+    manifest: Manifest, centers: list[CenterInfo], replicas: int
+) -> dict[str, list[int]]:
+    """Center id (hex) -> the non-zero chunk indices rendezvous hashing gives it."""
+    ids = [c.peer_id.hex() for c in centers]
+    wanted = [i for i in range(manifest.chunk_count) if not manifest.is_zero(i)]
+    by_center = assign([manifest.chunk_digests[i] for i in wanted], ids, replicas)
+    return {cid: [wanted[j] for j in positions] for cid, positions in by_center.items()}
+
+
+async def _replicate(
+    center: CenterInfo,
+    manifest: Manifest,
+    indices: list[int],
+    source: tuple[str, int],
+) -> CenterResult:
+    label = f"{center.host}:{center.port}"
+    try:
+        client = await RpcClient.connect_tcp(center.host, center.port)
+    except OSError as exc:
+        raise PublishError(f"cannot reach storage center {label}: {exc}") from exc
+    try:
+        with trio.fail_after(REPLICATE_TIMEOUT):
+            result = await client.call(
+                "replicate",
+                {
+                    "manifest": manifest.encode(),
+                    "indices": indices,
+                    "sources": [[source[0], source[1]]],
+                },
+            )
+    except RpcError as exc:
+        raise PublishError(f"storage center {label} refused the chunks: {exc}") from exc
+    except trio.TooSlowError as exc:
+        raise PublishError(f"storage center {label} did not finish in time") from exc
+    finally:
+        await client.aclose()
+    return CenterResult(
+        center_id=center.peer_id.hex(),
+        address=label,
+        chunks=len(indices),
+        stored=int(result.get("stored", 0)),
+        already_had=int(result.get("already_had", 0)),
+    )
+
+
+async def publish(
+    image: Path,
+    name: str,
+    version: str,
+    tracker: tuple[str, int],
+    *,
+    replicas: int = 2,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    source_host: str | None = None,
+    on_step: Callable[[str], None] | None = None,
+) -> PublishResult:
+    """Publish `image` as NAME:VERSION; see the module docstring for the order of steps."""
+    started = time.perf_counter()
+    step = on_step or (lambda _text: None)
+    if replicas < 1:
+        raise PublishError(f"--replicas must be at least 1, got {replicas}")
+    step(f"building the manifest of {image}")
+    manifest = await trio.to_thread.run_sync(manifest_from_file, image, name, version, chunk_size)
+    try:
+        client = await TrackerClient.connect(*tracker)
+    except TrackerUnreachable as exc:
+        raise PublishError(str(exc)) from exc
+    async with client:
+        centers = await client.centers()
+        if not centers:
+            raise PublishError(
+                f"the tracker at {client.label} knows no live storage center; "
+                "start one with `vmswarm daemon run --role storage`"
+            )
+        placement = placement_for(manifest, centers, replicas)
+        # The centers reach us at the address we reach the tracker from, unless told otherwise.
+        host = source_host or client.local_host or "127.0.0.1"
+        data = ImageFileTemplate(image, manifest)
+        results: list[CenterResult] = []
+        try:
+            async with trio.open_nursery() as nursery:
+                source = await nursery.start(
+                    run_seeder, data, LocalPeer(secrets.token_bytes(16), Role.STORAGE), host
+                )
+                step(
+                    f"seeding {manifest.chunk_count} chunks to {len(centers)} storage centers "
+                    f"(r={min(replicas, len(centers))})"
+                )
+
+                async def one(center: CenterInfo) -> None:
+                    indices = placement.get(center.peer_id.hex(), [])
+                    if indices:
+                        results.append(await _replicate(center, manifest, indices, source))
+
+                async with trio.open_nursery() as workers:
+                    for center in centers:
+                        workers.start_soon(one, center)
+                nursery.cancel_scope.cancel()
+        finally:
+            data.close()
+        registered = await client.register_template(manifest, placement)
+    log.info("published %s:%s as %s", name, version, manifest.template_id.hex())
+    return PublishResult(
+        manifest=manifest,
+        created=registered.created,
+        replicas=min(replicas, len(centers)),
+        seconds=time.perf_counter() - started,
+        centers=sorted(results, key=lambda c: c.address),
+    )
+
+
+def default_name(image: Path) -> str:
+    return os.path.splitext(image.name)[0] or "template"

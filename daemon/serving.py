@@ -1,0 +1,223 @@
+"""Answer a peer's Requests: read each chunk off the store in a worker thread, verified, then send.
+
+One `ChunkServer` per link. Its loader reads the next requested chunk while its sender writes
+the previous one, so disk, hashing and the socket overlap. A node-wide `trio.Semaphore` of upload
+slots caps the chunks being uploaded at once (and so the memory they hold).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable
+
+import trio
+
+from ..swarm.connection import Connection
+from ..swarm.framing import MAX_CHUNK_SIZE
+from ..swarm.messages import Reject
+from .peer_link import (
+    HandshakeError,
+    LinkOptions,
+    LocalPeer,
+    PeerLink,
+    accept,
+    read_handshake,
+    refuse,
+)
+from .storeerrors import ChunkAbsent, ChunkCorrupt, StoreError
+from .template_sources import TemplateData
+
+log = logging.getLogger(__name__)
+
+# Requests a peer may queue with us; more are rejected (a sane peer pipelines far fewer).
+MAX_QUEUED_REQUESTS = 64
+DEFAULT_UPLOAD_SLOTS = 8
+
+
+class ChunkServer:
+    """Serves one link's Requests; plug it into `PeerLink.run` as the request sink."""
+
+    def __init__(
+        self,
+        link: PeerLink,
+        data: TemplateData,
+        upload_slots: trio.Semaphore,
+        *,
+        max_queued: int = MAX_QUEUED_REQUESTS,
+        on_lost: Callable[[int], None] | None = None,
+    ) -> None:
+        self.link = link
+        self.data = data
+        self.upload_slots = upload_slots
+        self.max_queued = max_queued
+        self.on_lost = on_lost
+        self.served_chunks = 0
+        self.served_bytes = 0
+        self.rejected = 0
+        self._queue: dict[int, None] = {}  # requested, not started: ordered, O(1) cancel
+        self._started: set[int] = set()  # being read or waiting to be sent
+        self._cancelled: set[int] = set()
+        self._wakeup = trio.Event()
+
+    def request(self, index: int) -> None:
+        """The peer asked for chunk `index` (called by the link's reader, never blocks)."""
+        self._cancelled.discard(index)
+        if index in self._queue or index in self._started:
+            return
+        if len(self._queue) >= self.max_queued:
+            self._reject(index, f"too many queued requests (at most {self.max_queued})")
+            return
+        self._queue[index] = None
+        self._wakeup.set()
+
+    def cancel(self, index: int) -> None:
+        """The peer no longer wants chunk `index`."""
+        if index in self._queue:
+            del self._queue[index]
+        elif index in self._started:
+            self._cancelled.add(index)
+
+    def _reject(self, index: int, reason: str) -> None:
+        self.rejected += 1
+        self.link.post(Reject(index, reason))
+
+    async def _next_request(self) -> int:
+        while not self._queue:
+            await self._wakeup.wait()
+            self._wakeup = trio.Event()
+        index = next(iter(self._queue))
+        del self._queue[index]
+        return index
+
+    async def run(self) -> None:
+        """Load and send chunks until cancelled (the link's nursery owns this task)."""
+        send, receive = trio.open_memory_channel[tuple[int, memoryview]](1)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._sender, receive)
+                await self._loader(send)
+        finally:
+            # A chunk loaded but never picked up by the sender still holds its slot.
+            while True:
+                try:
+                    receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                    break
+                self.upload_slots.release()
+
+    async def _loader(self, send: trio.MemorySendChannel[tuple[int, memoryview]]) -> None:
+        manifest = self.data.manifest
+        while True:
+            index = await self._next_request()
+            if index in manifest.zero_chunks:
+                self._reject(index, f"chunk {index} is all zeros: never sent")
+                continue
+            if not self.data.has(index):
+                self._reject(index, f"chunk {index} is not here")
+                continue
+            self._started.add(index)
+            await self.upload_slots.acquire()
+            handed_over = False
+            try:
+                payload = await trio.to_thread.run_sync(self.data.read_chunk, index)
+                if index in self._cancelled:
+                    continue
+                await send.send((index, payload))
+                handed_over = True
+            except (ChunkAbsent, ChunkCorrupt) as exc:
+                log.warning("cannot serve chunk %d: %s", index, exc)
+                self._reject(index, f"chunk {index} is not readable here")
+                if self.on_lost is not None:
+                    self.on_lost(index)
+            except StoreError as exc:
+                log.error("cannot serve chunk %d: %s", index, exc)
+                self._reject(index, f"chunk {index}: storage error here")
+            finally:
+                if not handed_over:
+                    self._started.discard(index)
+                    self._cancelled.discard(index)
+                    self.upload_slots.release()
+
+    async def _sender(self, receive: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
+        async for index, payload in receive:
+            try:
+                if index not in self._cancelled and await self.link.send_chunk(index, payload):
+                    self.served_chunks += 1
+                    self.served_bytes += len(payload)
+            finally:
+                self._started.discard(index)
+                self._cancelled.discard(index)
+                self.upload_slots.release()
+
+
+async def serve_link(
+    link: PeerLink,
+    data: TemplateData,
+    upload_slots: trio.Semaphore,
+) -> str:
+    """Serve one handshaken link until it ends (a pure seeder: no events, no downloading)."""
+    return await link.run(None, ChunkServer(link, data, upload_slots))
+
+
+async def serve_template(
+    stream: trio.abc.Stream,
+    data: TemplateData,
+    our: LocalPeer,
+    *,
+    upload_slots: trio.Semaphore | None = None,
+    first_bytes: bytes = b"",
+    options: LinkOptions | None = None,
+) -> None:
+    """Seed `data` on one inbound stream: handshake, then answer Requests until the peer leaves.
+
+    A handshake for another template gets Goodbye. Never raises for the peer's faults.
+    """
+    slots = upload_slots if upload_slots is not None else trio.Semaphore(DEFAULT_UPLOAD_SLOTS)
+    conn = Connection(our.role, max_chunk_size=min(data.manifest.chunk_size, MAX_CHUNK_SIZE))
+    try:
+        their = await read_handshake(stream, conn, first_bytes)
+    except HandshakeError as exc:
+        log.info("inbound handshake failed: %s", exc)
+        await trio.aclose_forcefully(stream)
+        return
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        await trio.aclose_forcefully(stream)
+        return
+    if their.template_id != data.manifest.template_id:
+        await refuse(stream, conn, f"unknown template {their.template_id.hex()}")
+        return
+    try:
+        link = await accept(stream, conn, their, our, data.have(), options=options)
+    except HandshakeError as exc:
+        log.info("inbound handshake failed: %s", exc)
+        return
+    await serve_link(link, data, slots)
+
+
+async def run_seeder(
+    data: TemplateData,
+    our: LocalPeer,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    upload_slots: int = DEFAULT_UPLOAD_SLOTS,
+    task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """A temporary seeding server for one template; `started` gets the bound (host, port).
+
+    Runs until cancelled. Used by `vmswarm publish` to feed the storage centers.
+    """
+    slots = trio.Semaphore(upload_slots)
+    listeners = await trio.open_tcp_listeners(port, host=host)
+    sockname = listeners[0].socket.getsockname()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await serve_template(stream, data, our, upload_slots=slots)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(trio.serve_listeners, handle, listeners)
+        task_status.started((str(sockname[0]), int(sockname[1])))
+        await trio.sleep(math.inf)

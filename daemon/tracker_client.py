@@ -1,0 +1,366 @@
+"""Typed calls to the tracker: one method per tracker RPC, answers as frozen dataclasses.
+
+Errors: `TrackerUnreachable` when the tracker cannot be reached, stops answering or breaks the
+link (the client is then unusable: open a new one); `RpcError` when the tracker answers with a
+Fail (`code` e.g. "unknown_template", "version_exists", "bad_request", "bad_manifest"), or with
+code "bad_reply" when its answer is malformed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..swarm.address import format_address
+from ..swarm.bitfield import Bitfield
+from ..swarm.errors import LocalProtocolError, RemoteProtocolError
+from ..swarm.manifest import Manifest
+from ..swarm.messages import Role
+from .rpc import RpcClient, RpcError
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_CALL_TIMEOUT = 30.0
+
+
+class TrackerUnreachable(Exception):
+    """The tracker could not be reached or the link to it broke; the message says which."""
+
+
+@dataclass(frozen=True)
+class TemplateHave:
+    """What an announcing daemon holds of one template."""
+
+    template_id: bytes
+    bits: bytes
+    complete: bool
+
+    @classmethod
+    def from_bitfield(cls, template_id: bytes, bitfield: Bitfield) -> TemplateHave:
+        return cls(template_id, bitfield.to_bytes(), bitfield.complete)
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """One source in a get_peers handout, best first."""
+
+    peer_id: bytes
+    host: str
+    port: int
+    role: Role
+    rack: str | None
+    complete: bool
+    percent: float
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """A catalog entry, without its manifest."""
+
+    template_id: bytes
+    name: str
+    version: str
+    size: int
+    chunk_size: int
+    chunks: int
+    zero_chunks: int
+    format: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class LookupResult:
+    """A template found by name: its catalog entry and its decoded, id-checked manifest."""
+
+    info: TemplateInfo
+    manifest: Manifest
+
+    @property
+    def template_id(self) -> bytes:
+        return self.info.template_id
+
+
+@dataclass(frozen=True)
+class Registered:
+    template_id: bytes
+    created: bool  # False: the same content was registered before
+
+
+@dataclass(frozen=True)
+class CenterInfo:
+    peer_id: bytes
+    host: str
+    port: int
+    rack: str | None
+
+
+@dataclass(frozen=True)
+class SwarmMember:
+    """One live announcer of a template, as the tracker sees it."""
+
+    peer_id: bytes
+    host: str
+    port: int
+    role: Role
+    rack: str | None
+    complete: bool
+    have: int  # chunks held
+    percent: float
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    template_id: bytes
+    chunks: int | None  # None when the catalog does not know the template
+    members: tuple[SwarmMember, ...]
+
+
+def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = data[key]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise TypeError(f"field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def _rack(data: Mapping[str, Any]) -> str | None:
+    rack = data.get("rack")
+    if rack is not None and not isinstance(rack, str):
+        raise TypeError("field 'rack' is not a string")
+    return rack
+
+
+def _template_info(data: Mapping[str, Any]) -> TemplateInfo:
+    return TemplateInfo(
+        template_id=_get(data, "template_id", bytes),
+        name=_get(data, "name", str),
+        version=_get(data, "version", str),
+        size=_get(data, "size", int),
+        chunk_size=_get(data, "chunk_size", int),
+        chunks=_get(data, "chunks", int),
+        zero_chunks=_get(data, "zero_chunks", int),
+        format=_get(data, "format", str),
+        created_at=float(_get(data, "created_at", (int, float))),
+    )
+
+
+def _peer_info(data: Mapping[str, Any]) -> PeerInfo:
+    return PeerInfo(
+        peer_id=_get(data, "peer_id", bytes),
+        host=_get(data, "host", str),
+        port=_get(data, "port", int),
+        role=Role(_get(data, "role", str)),
+        rack=_rack(data),
+        complete=_get(data, "complete", bool),
+        percent=float(_get(data, "percent", (int, float))),
+    )
+
+
+def _swarm_member(data: Mapping[str, Any]) -> SwarmMember:
+    return SwarmMember(
+        peer_id=_get(data, "peer_id", bytes),
+        host=_get(data, "host", str),
+        port=_get(data, "port", int),
+        role=Role(_get(data, "role", str)),
+        rack=_rack(data),
+        complete=_get(data, "complete", bool),
+        have=_get(data, "have", int),
+        percent=float(_get(data, "percent", (int, float))),
+    )
+
+
+def _center_info(data: Mapping[str, Any]) -> CenterInfo:
+    return CenterInfo(
+        peer_id=_get(data, "peer_id", bytes),
+        host=_get(data, "host", str),
+        port=_get(data, "port", int),
+        rack=_rack(data),
+    )
+
+
+class TrackerClient:
+    """One connection to the tracker; calls run one at a time, each with a timeout."""
+
+    def __init__(
+        self,
+        rpc: RpcClient,
+        address: tuple[str, int],
+        *,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        local_host: str | None = None,
+    ) -> None:
+        self._rpc = rpc
+        self.address = address
+        # Our end of the link: the address other nodes can most likely reach us at.
+        self.local_host = local_host
+        self._call_timeout = call_timeout
+        self._broken: str | None = None
+
+    @classmethod
+    async def connect(
+        cls,
+        host: str,
+        port: int,
+        *,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+    ) -> TrackerClient:
+        """Open a connection; TrackerUnreachable if none is made within `connect_timeout`."""
+        label = format_address(host, port)
+        try:
+            with trio.fail_after(connect_timeout):
+                stream = await trio.open_tcp_stream(host, port)
+        except trio.TooSlowError:
+            raise TrackerUnreachable(
+                f"cannot reach tracker {label}: no connection within {connect_timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise TrackerUnreachable(f"cannot reach tracker {label}: {exc}") from exc
+        local = stream.socket.getsockname()
+        return cls(
+            RpcClient(stream), (host, port), call_timeout=call_timeout, local_host=str(local[0])
+        )
+
+    @property
+    def label(self) -> str:
+        return format_address(*self.address)
+
+    async def aclose(self) -> None:
+        await self._rpc.aclose()
+
+    async def __aenter__(self) -> TrackerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        if self._broken is not None:
+            raise TrackerUnreachable(f"tracker {self.label}: connection broken: {self._broken}")
+        try:
+            with trio.fail_after(self._call_timeout):
+                return await self._rpc.call(method, params)
+        except trio.TooSlowError:
+            self._broken = f"no answer to {method} within {self._call_timeout:g}s"
+        except (
+            OSError,
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            RemoteProtocolError,
+            LocalProtocolError,
+        ) as exc:
+            self._broken = f"lost during {method}: {exc or type(exc).__name__}"
+        raise TrackerUnreachable(f"tracker {self.label}: {self._broken}")
+
+    async def _parsed(self, method: str, params: dict[str, Any], parse: Any) -> Any:
+        result = await self._call(method, params)
+        try:
+            return parse(result)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RpcError(
+                "bad_reply", f"tracker {self.label} sent a malformed {method} reply: {exc!r}"
+            ) from None
+
+    async def announce(
+        self,
+        peer_id: bytes,
+        role: Role,
+        listen: tuple[str, int],
+        templates: Iterable[TemplateHave],
+        *,
+        rack: str | None = None,
+    ) -> float:
+        """Tell the tracker what this daemon holds; returns seconds until the next announce."""
+        params = {
+            "peer_id": peer_id,
+            "role": role.value,
+            "listen": [listen[0], listen[1]],
+            "rack": rack,
+            "templates": [
+                {"template_id": t.template_id, "bits": t.bits, "complete": t.complete}
+                for t in templates
+            ],
+        }
+        interval: float = await self._parsed(
+            "announce", params, lambda r: float(_get(r, "interval", (int, float)))
+        )
+        return interval
+
+    async def get_peers(
+        self,
+        template_id: bytes,
+        peer_id: bytes,
+        *,
+        bits: Bitfield | bytes | None = None,
+        rack: str | None = None,
+        cap: int | None = None,
+    ) -> list[PeerInfo]:
+        """Sources for `template_id`, best first, never the asker itself."""
+        params = {
+            "template_id": template_id,
+            "peer_id": peer_id,
+            "bits": bits.to_bytes() if isinstance(bits, Bitfield) else bits,
+            "rack": rack,
+            "cap": cap,
+        }
+        peers: list[PeerInfo] = await self._parsed(
+            "get_peers", params, lambda r: [_peer_info(p) for p in _get(r, "peers", list)]
+        )
+        return peers
+
+    async def register_template(
+        self, manifest: Manifest | bytes, placement: Mapping[str, Iterable[int]]
+    ) -> Registered:
+        """Add a manifest and its chunk placement ({center id hex: [index]}) to the catalog."""
+        params = {
+            "manifest": manifest.encode() if isinstance(manifest, Manifest) else manifest,
+            "placement": {center: list(indices) for center, indices in placement.items()},
+        }
+        registered: Registered = await self._parsed(
+            "register_template",
+            params,
+            lambda r: Registered(_get(r, "template_id", bytes), _get(r, "created", bool)),
+        )
+        return registered
+
+    async def list_templates(self) -> list[TemplateInfo]:
+        templates: list[TemplateInfo] = await self._parsed(
+            "list_templates", {}, lambda r: [_template_info(t) for t in _get(r, "templates", list)]
+        )
+        return templates
+
+    async def lookup(self, name: str, version: str | None = None) -> LookupResult:
+        """name:version, or the newest version of `name`; RpcError "unknown_template" if none."""
+
+        def parse(result: dict[str, Any]) -> LookupResult:
+            info = _template_info(result)
+            manifest = Manifest.decode(_get(result, "manifest", bytes))
+            if manifest.template_id != info.template_id:
+                raise ValueError("manifest does not match its template id")
+            return LookupResult(info, manifest)
+
+        found: LookupResult = await self._parsed(
+            "lookup", {"name": name, "version": version}, parse
+        )
+        return found
+
+    async def centers(self) -> list[CenterInfo]:
+        """The live storage centers."""
+        centers: list[CenterInfo] = await self._parsed(
+            "centers", {}, lambda r: [_center_info(c) for c in _get(r, "centers", list)]
+        )
+        return centers
+
+    async def swarm(self, template_id: bytes) -> SwarmView:
+        """Every live announcer of `template_id` with its role and percent complete."""
+
+        def parse(result: dict[str, Any]) -> SwarmView:
+            chunks = result.get("chunks")
+            if chunks is not None and type(chunks) is not int:
+                raise TypeError("field 'chunks' is not an int")
+            members = tuple(_swarm_member(m) for m in _get(result, "peers", list))
+            return SwarmView(_get(result, "template_id", bytes), chunks, members)
+
+        view: SwarmView = await self._parsed("swarm", {"template_id": template_id}, parse)
+        return view
