@@ -35,7 +35,7 @@ install_venv() {
     log "creating $VENV and installing vmswarm with its dependencies"
     python3 -m venv "$VENV"
     "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -e "$ROOT[dev]"
+    "$PY" -m pip install -q -e "$ROOT[dev,bench]"
     # mypy cannot follow setuptools' editable import hook, so it reads the code through this view.
     mkdir -p "$VENV/typecheck/vmswarm"
     for pkg in swarm daemon cli; do ln -sfn "$ROOT/$pkg" "$VENV/typecheck/vmswarm/$pkg"; done

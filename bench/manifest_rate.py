@@ -39,6 +39,7 @@ _COLUMNS = [
     "cpu_per_wall",
     "chunks",
     "zeros",
+    "zero_MiB",
 ]
 
 
@@ -140,6 +141,9 @@ def measure(
                     **figures,
                     "chunks": manifest.chunk_count,
                     "zeros": len(manifest.zero_chunks),
+                    # Zero bytes the swarm never sends: smaller chunks catch more of them.
+                    "zero_MiB": sum(manifest.chunk_range(i)[1] for i in manifest.zero_chunks)
+                    / (1 << 20),
                 }
             )
     return rows, warm
@@ -168,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="manifest-rate-", dir=args.dir))
     try:
         path = workdir / "bench.img"
-        random_bytes = make_image(path, args.size)
+        random_bytes = make_image(path, args.size)  # zeros are the rest
         rows, warm = measure(path, args.chunk_sizes, args.repeats)
         extra = {
             "image_bytes": args.size,

@@ -39,3 +39,8 @@ from . import manifest_command  # noqa: E402, F401
 from .tracker_commands import register as _register_tracker  # noqa: E402
 
 _register_tracker(app)
+from .daemon_commands import register as _register_daemon  # noqa: E402
+from .publish_command import register as _register_publish  # noqa: E402
+
+_register_daemon(app)
+_register_publish(app)

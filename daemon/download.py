@@ -58,10 +58,15 @@ class DownloadConfig:
     max_links: int = 40
     # Chunks received but not yet verified and written, over all links of this template.
     chunks_in_memory: int = 4
-    discovery_interval: float = 3.0
+    # Worker threads verifying and writing chunks at once (the page cache fills faster so).
+    writers: int = 2
+    discovery_interval: float = 1.0
     connect_timeout: float = 5.0
     redial_after: float = 10.0
     max_queued_requests: int = MAX_QUEUED_REQUESTS
+    # Linked hosts from which on each center gets only this many requests at a time.
+    share_hosts: int = 2
+    center_depth_when_sharing: int = 2
     picker: PickerConfig | None = None
     link: LinkOptions | None = None
 
@@ -198,6 +203,7 @@ class _Found:
 @dataclass(frozen=True)
 class _Want:
     indices: tuple[int, ...] | None  # None: every chunk
+    applied: trio.Event = field(default_factory=trio.Event)
 
 
 @dataclass(frozen=True)
@@ -273,7 +279,11 @@ class TemplateDownload:
         self._peers: dict[bytes, _Peer] = {}
         self._all_links: set[PeerLink] = set()
         self.banned: dict[bytes, BanRecord] = {}
-        self._writing: dict[int, int] = {}
+        # Chunks being verified and written (one copy each), and a spare copy per chunk.
+        self._writing: set[int] = set()
+        self._spares: dict[int, _WriteJob] = {}
+        # Per center: chunks hidden from its picker entry because a linked host holds them.
+        self._masked: dict[bytes, set[int]] = {}
         self._dialing: set[tuple[str, int]] = set()
         self._dial_failed: dict[tuple[str, int], float] = {}
         self._discovering = False
@@ -288,6 +298,8 @@ class TemplateDownload:
         self.wasted_bytes = 0
         self.corrupt_chunks = 0
         self.timeouts = 0
+        # Time spent verifying and writing chunks (worker thread): shows when the disk limits.
+        self.write_seconds = 0.0
         self._sources: set[bytes] = set()
         self._retired_out = 0
         self._down_meter = _RateMeter()
@@ -333,8 +345,16 @@ class TemplateDownload:
         )
 
     def status(self) -> dict[str, Any]:
-        """This template's swarm as the `status` control call shows it."""
+        """This template's swarm as the `status` control call shows it.
+
+        `percent` is of the bytes wanted here; a storage center, which wants only its share,
+        shows the share of all chunks it holds instead.
+        """
         manifest = self.manifest
+        held = len(self.data.have())
+        progress = self.progress().as_dict()
+        if not self._want_all:
+            progress["percent"] = _percent(held, len(self._lengths))
         return {
             "template_id": self.template_id.hex(),
             "name": manifest.name,
@@ -343,11 +363,14 @@ class TemplateDownload:
             "path": None if self.data.path is None else str(self.data.path),
             "complete": self.complete,
             "wanted_complete": self.satisfied,
+            "chunks": len(self._lengths),
+            "chunks_held": held,
             "bytes_up": self._bytes_up(),
             "wasted_bytes": self.wasted_bytes,
             "corrupt_chunks": self.corrupt_chunks,
             "timeouts": self.timeouts,
-            **self.progress().as_dict(),
+            "write_seconds": round(self.write_seconds, 3),
+            **progress,
             "peers": [
                 {
                     "peer_id": pid.hex(),
@@ -380,7 +403,8 @@ class TemplateDownload:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._writer)
+                for _ in range(self.config.writers):
+                    nursery.start_soon(self._writer)
                 nursery.start_soon(self._ticker)
                 self._running = True
                 if self._want_all and self._picker.complete:
@@ -428,11 +452,15 @@ class TemplateDownload:
         await self._send.send((None, _Found(tuple(addresses), explicit=True)))
 
     async def want(self, indices: Iterable[int] | None) -> None:
-        """Also fetch these chunks (None: all of them)."""
-        await self._send.send((None, _Want(None if indices is None else tuple(indices))))
+        """Also fetch these chunks (None: all of them); returns once the owner applied it."""
+        event = _Want(None if indices is None else tuple(indices))
+        await self._send.send((None, event))
+        await event.applied.wait()
 
     async def retry(self) -> None:
         """Forget the last failure and look for sources again now."""
+        self.error = None
+        self._unavailable_since = None
         await self._send.send((None, _Retry()))
 
     async def wait_done(
@@ -482,6 +510,7 @@ class TemplateDownload:
                 self._dial(address, explicit=event.explicit)
         elif isinstance(event, _Want):
             self._on_want(event.indices)
+            event.applied.set()
         elif isinstance(event, _Retry):
             self.error = None
             self._unavailable_since = None
@@ -521,6 +550,12 @@ class TemplateDownload:
             return
         self._peers[pid] = _Peer(link)
         self._picker.add_peer(pid, link.their_bitfield)
+        if link.role is Role.STORAGE:
+            self._mask_centers(self._host_chunks(), [pid])
+        elif self._host_links == self.config.share_hosts:
+            self._mask_centers(self._host_chunks())
+        else:
+            self._mask_centers(link.their_bitfield)
         # Chunks we verified after the bitfield we sent was taken would otherwise go unannounced.
         have = self.data.have()
         for index in have:
@@ -534,10 +569,12 @@ class TemplateDownload:
             return
         log.info("link %s %r down: %s", self.manifest.name, link, reason)
         self._drop_peer(link.peer_id)
+        self._restore_centers()
         self._fill_all()
 
     def _drop_peer(self, pid: bytes) -> None:
         del self._peers[pid]
+        self._masked.pop(pid, None)
         self._picker.remove_peer(pid)
 
     def _on_have(self, link: PeerLink, index: int) -> None:
@@ -545,6 +582,8 @@ class TemplateDownload:
             return
         self._picker.peer_has(link.peer_id, index)
         if self._picker.is_missing(index):
+            if link.role is Role.HOST:
+                self._mask_centers([index])
             self._fill(link.peer_id)
         elif self.satisfied and self._want_all and link.their_bitfield.complete:
             link.close("nothing to trade: both sides are complete")
@@ -554,6 +593,7 @@ class TemplateDownload:
             return
         log.debug("%r rejected chunk %d: %s", link, reject.index, reject.reason)
         self._picker.rejected(link.peer_id, reject.index)
+        self._restore_centers()
         self._fill_all()
 
     def _on_chunk(self, link: PeerLink, chunk: Chunk) -> None:
@@ -565,17 +605,30 @@ class TemplateDownload:
             self._tokens.release()
             return
         peer.verifying += 1
-        self._writing[index] = self._writing.get(index, 0) + 1
-        self._write_send.send_nowait(_WriteJob(link, index, chunk.data))
+        job = _WriteJob(link, index, chunk.data)
+        if index in self._writing:
+            # An endgame duplicate: kept as a spare in case the copy being written is corrupt.
+            older = self._spares.pop(index, None)
+            if older is not None:
+                self._drop_job(older)
+            self._spares[index] = job
+        else:
+            self._writing.add(index)
+            self._write_send.send_nowait(job)
         self._fill(link.peer_id)
+
+    def _drop_job(self, job: _WriteJob) -> None:
+        """Let go of a received chunk without writing it."""
+        self.wasted_bytes += len(job.data)
+        self._tokens.release()
+        peer = self._current(job.link)
+        if peer is not None:
+            peer.verifying -= 1
 
     def _on_written(self, written: _Written) -> None:
         index = written.index
-        left = self._writing.get(index, 1) - 1
-        if left:
-            self._writing[index] = left
-        else:
-            self._writing.pop(index, None)
+        self._writing.discard(index)
+        spare = self._spares.pop(index, None)
         link = written.link
         pid = link.peer_id
         peer = self._current(link)
@@ -583,7 +636,14 @@ class TemplateDownload:
             peer.verifying -= 1
         if written.corrupt:
             self._ban(link, index)
+            if spare is not None and spare.link.peer_id not in self.banned:
+                self._writing.add(index)
+                self._write_send.send_nowait(spare)
+            elif spare is not None:
+                self._drop_job(spare)
             return
+        if spare is not None:
+            self._drop_job(spare)
         if written.error is not None:
             self._fail(f"cannot store chunk {index}: {written.error}")
             return
@@ -666,8 +726,10 @@ class TemplateDownload:
         self._picker.failed(pid, index)
         if self._current(link) is not None:
             del self._peers[pid]
+            self._masked.pop(pid, None)
         self._picker.ban(pid)
         link.close(f"you sent a corrupt copy of chunk {index}")
+        self._restore_centers()
         self._fill_all()
 
     def _fail(self, reason: str) -> None:
@@ -688,6 +750,8 @@ class TemplateDownload:
             self._picker.add_peer(pid, peer.link.their_bitfield)
         for pid in self.banned:
             self._picker.ban(pid)
+        self._masked.clear()
+        self._mask_centers(self._host_chunks())
         self._total_bytes, self._done_bytes = self._count_bytes()
         self._fill_all()
         if self._picker.complete and not self._writing:
@@ -702,11 +766,14 @@ class TemplateDownload:
                 peer.timeouts += 1
                 peer.link.post(Cancel(index))
                 log.info("request for chunk %d to %r timed out", index, peer.link)
+                if peer.link.role is Role.HOST:
+                    self._unmask([index])  # a slow host: let the centers have a go too
         if self._lost:
             lost, self._lost = self._lost, set()
             log.warning("chunks %s became unreadable here; fetching them again", sorted(lost))
             self.verified = False
             self._on_want(None if self._want_all else ())
+        self._restore_centers()
         self._fill_all()
         self.rate = self._down_meter.sample(now, self.bytes_from_centers + self.bytes_from_peers)
         self.upload_rate = self._up_meter.sample(now, self._bytes_up())
@@ -728,6 +795,59 @@ class TemplateDownload:
         if short and not self._discovering and now >= self._next_discovery:
             self._discover(now)
 
+    # -- centers as sources of last resort -----------------------------------------------------
+
+    def _sharing(self) -> bool:
+        return self._host_links >= self.config.share_hosts
+
+    def _host_chunks(self) -> set[int]:
+        held: set[int] = set()
+        for peer in self._peers.values():
+            if peer.link.role is Role.HOST:
+                held.update(peer.link.their_bitfield)
+        return held
+
+    def _mask_centers(self, indices: Iterable[int], centers: list[bytes] | None = None) -> None:
+        """Hide from the centers the chunks linked hosts hold, so the hosts are asked for them.
+
+        Centers then serve what no host has yet, and hosts fetch the rest from each other.
+        """
+        if not self._sharing():
+            return
+        if centers is None:
+            centers = [p for p, peer in self._peers.items() if peer.link.role is Role.STORAGE]
+        chosen = [i for i in indices if self._picker.is_missing(i)]
+        if not chosen:
+            return
+        for pid in centers:
+            bits = self._peers[pid].link.their_bitfield
+            busy = set(self._picker.outstanding(pid))
+            masked = self._masked.setdefault(pid, set())
+            for index in chosen:
+                if index in bits and index not in masked and index not in busy:
+                    self._picker.rejected(pid, index)
+                    masked.add(index)
+
+    def _unmask(self, indices: Iterable[int] | None = None) -> None:
+        """Give the centers back hidden chunks (all of them, or these)."""
+        only = None if indices is None else set(indices)
+        for pid, masked in self._masked.items():
+            back = set(masked) if only is None else masked & only
+            for index in back:
+                self._picker.peer_has(pid, index)
+            masked -= back
+
+    def _restore_centers(self) -> None:
+        """Unhide what no linked host offers any more (all of it when too few hosts are left)."""
+        if not self._masked:
+            return
+        if not self._sharing():
+            self._unmask()
+            return
+        unavailable = self._picker.unavailable()
+        if unavailable:
+            self._unmask(unavailable)
+
     # -- pipelines -------------------------------------------------------------------------------
 
     def _fill(self, pid: bytes) -> None:
@@ -735,14 +855,24 @@ class TemplateDownload:
         if peer.link.closing:
             return
         now = trio.current_time()
-        limit = self._depth + peer.verifying
+        depth = self._depth
+        if peer.link.role is Role.STORAGE and self._host_links >= self.config.share_hosts:
+            # With other hosts to trade with, centers are kept for what only they can give.
+            depth = self.config.center_depth_when_sharing
+        limit = depth + peer.verifying
         for index in self._picker.pick(pid, now, limit=limit):
             peer.link.post(Request(index))
+
+    @property
+    def _host_links(self) -> int:
+        return sum(1 for p in self._peers.values() if p.link.role is Role.HOST)
 
     def _fill_all(self) -> None:
         if self._picker.complete:
             return
-        for pid in list(self._peers):
+        # Hosts first, so chunks they hold go to them before a center is asked.
+        ordered = sorted(self._peers.items(), key=lambda item: item[1].link.role is Role.STORAGE)
+        for pid, _ in ordered:
             self._fill(pid)
 
     # -- peers: discovery and dialing ---------------------------------------------------------
@@ -834,9 +964,11 @@ class TemplateDownload:
             size = len(job.data)
             try:
                 try:
+                    began = trio.current_time()
                     newly = await trio.to_thread.run_sync(
                         self.data.write_chunk, job.index, job.data
                     )
+                    self.write_seconds += trio.current_time() - began
                     result = _Written(job.link, job.index, size, newly=tuple(newly))
                 except ChunkMismatch:
                     result = _Written(job.link, job.index, size, corrupt=True)

@@ -199,9 +199,9 @@ async def serve_template(
 async def run_seeder(
     data: TemplateData,
     our: LocalPeer,
-    *,
     host: str = "127.0.0.1",
     port: int = 0,
+    *,
     upload_slots: int = DEFAULT_UPLOAD_SLOTS,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:

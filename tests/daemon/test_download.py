@@ -15,6 +15,7 @@ from vmswarm.daemon.download import (
     DownloadConfig,
     DownloadFailed,
     PeerAddress,
+    PeerFinder,
     TemplateDownload,
 )
 from vmswarm.daemon.imagestore import ImageStore
@@ -36,7 +37,9 @@ def make_image(pattern: str, seed: int = 0) -> tuple[bytes, Manifest]:
     return data, build_manifest(data, "tmpl", f"v{seed}", chunk_size=CHUNK)
 
 
-def host_store(directory: Path, data: bytes, manifest: Manifest, chunks: range | list[int]) -> HostTemplate:
+def host_store(
+    directory: Path, data: bytes, manifest: Manifest, chunks: range | list[int]
+) -> HostTemplate:
     store = ImageStore(directory, manifest)
     for i in chunks:
         if i not in manifest.zero_chunks:
@@ -44,7 +47,9 @@ def host_store(directory: Path, data: bytes, manifest: Manifest, chunks: range |
     return HostTemplate(store)
 
 
-def center_store(directory: Path, data: bytes, manifest: Manifest, chunks: list[int]) -> CenterTemplate:
+def center_store(
+    directory: Path, data: bytes, manifest: Manifest, chunks: list[int]
+) -> CenterTemplate:
     store = ChunkStore(directory)
     store.put_manifest(manifest.encode())
     for i in chunks:
@@ -94,14 +99,48 @@ async def seeding(
     yield Seeder(download, PeerAddress("127.0.0.1", port, local.peer_id, role))
 
 
-class CorruptingSource:
-    """Serves every chunk with one byte flipped (a liar that speaks the real protocol)."""
+class Wrapped:
+    """A TemplateData that forwards everything to another one; subclasses override reads."""
 
     def __init__(self, inner: TemplateData) -> None:
         self._inner = inner
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
+    @property
+    def manifest(self) -> Manifest:
+        return self._inner.manifest
+
+    @property
+    def path(self) -> Path | None:
+        return self._inner.path
+
+    def has(self, index: int) -> bool:
+        return self._inner.has(index)
+
+    def have(self) -> Bitfield:
+        return self._inner.have()
+
+    def read_chunk(self, index: int) -> memoryview:
+        return self._inner.read_chunk(index)
+
+    def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
+        return self._inner.write_chunk(index, data)
+
+    def verify_image(self) -> bool:
+        return self._inner.verify_image()
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.02)
+
+
+class CorruptingSource(Wrapped):
+    """Serves every chunk with one byte flipped (a liar that speaks the real protocol)."""
 
     def read_chunk(self, index: int) -> memoryview:
         view = self._inner.read_chunk(index)
@@ -110,7 +149,7 @@ class CorruptingSource:
         return memoryview(buf)
 
 
-def finder(addresses: list[PeerAddress]) -> Callable[[bytes, Bitfield], object]:
+def finder(addresses: list[PeerAddress]) -> PeerFinder:
     async def find(template_id: bytes, bits: Bitfield) -> list[PeerAddress]:
         return list(addresses)
 
@@ -128,7 +167,7 @@ async def fetch(
         target,
         peer(),
         upload_slots=trio.Semaphore(4),
-        find_peers=finder(sources),  # type: ignore[arg-type]
+        find_peers=finder(sources),
         config=config,
     )
     await nursery.start(download.run)
@@ -171,9 +210,10 @@ async def test_centers_serve_only_their_subset_and_are_counted(tmp_path: Path) -
         c1 = center_store(tmp_path / "c1", data, manifest, evens)
         c2 = center_store(tmp_path / "c2", data, manifest, odds)
         assert set(c1.have()) == set(evens) | manifest.zero_chunks
-        async with seeding(nursery, c1, Role.STORAGE) as s1, seeding(
-            nursery, c2, Role.STORAGE
-        ) as s2:
+        async with (
+            seeding(nursery, c1, Role.STORAGE) as s1,
+            seeding(nursery, c2, Role.STORAGE) as s2,
+        ):
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
             download = await fetch(nursery, target, [s1.address, s2.address])
             assert target.path is not None and target.path.read_bytes() == data
@@ -203,9 +243,11 @@ async def test_corrupt_peer_is_banned_and_chunks_come_from_elsewhere(tmp_path: P
             download = await fetch(nursery, target, [bad.address, ok.address])
             assert target.path is not None and target.path.read_bytes() == data
             status = download.status()
-            assert [b["peer_id"] for b in status["banned"]] == [bad.address.peer_id.hex()]
+            liar_id = bad.address.peer_id
+            assert liar_id is not None
+            assert [b["peer_id"] for b in status["banned"]] == [liar_id.hex()]
             assert status["corrupt_chunks"] >= 1
-            assert all(p["peer_id"] != bad.address.peer_id.hex() for p in status["peers"])
+            assert all(p["peer_id"] != liar_id.hex() for p in status["peers"])
             nursery.cancel_scope.cancel()
 
 
@@ -220,9 +262,7 @@ async def test_resume_fetches_only_the_missing_half(tmp_path: Path) -> None:
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))  # reopened
             download = await fetch(nursery, target, [s.address])
             assert target.path is not None and target.path.read_bytes() == data
-            expected = sum(
-                CHUNK for i in range(n // 2, n) if i not in manifest.zero_chunks
-            )
+            expected = sum(CHUNK for i in range(n // 2, n) if i not in manifest.zero_chunks)
             assert download.progress().bytes_from_peers == expected
             assert download.wasted_bytes == 0
             nursery.cancel_scope.cancel()
@@ -242,19 +282,18 @@ async def test_silent_peer_times_out_and_request_goes_elsewhere(tmp_path: Path) 
         mute = host_store(tmp_path / "mute", data, manifest, range(n))
         gate = trio.Event()
         stalling = StallingSource(mute, gate)
-        async with seeding(nursery, good) as ok, seeding(nursery, stalling) as st:  # type: ignore[arg-type]
+        async with seeding(nursery, good) as ok, seeding(nursery, stalling) as st:
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
             download = TemplateDownload(
                 target,
                 peer(),
                 upload_slots=trio.Semaphore(2),
-                find_peers=finder([st.address]),  # type: ignore[arg-type]
+                find_peers=finder([st.address]),
                 config=config,
             )
             await nursery.start(download.run)
             with trio.fail_after(10):
-                while download.timeouts == 0:
-                    await trio.sleep(0.05)
+                await until(lambda: download.timeouts > 0)
                 await download.add_sources([ok.address])
                 await download.wait_done()
             assert target.path is not None and target.path.read_bytes() == data
@@ -263,15 +302,12 @@ async def test_silent_peer_times_out_and_request_goes_elsewhere(tmp_path: Path) 
             nursery.cancel_scope.cancel()
 
 
-class StallingSource:
+class StallingSource(Wrapped):
     """Holds every read until `gate` is set: a peer that accepts requests and never answers."""
 
     def __init__(self, inner: TemplateData, gate: trio.Event) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._gate = gate
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self._inner, name)
 
     def read_chunk(self, index: int) -> memoryview:
         trio.from_thread.run(self._gate.wait)
@@ -288,11 +324,14 @@ async def test_no_source_fails_the_wait_with_the_chunk_index(tmp_path: Path) -> 
                 target,
                 peer(),
                 upload_slots=trio.Semaphore(2),
-                find_peers=finder([s.address]),  # type: ignore[arg-type]
+                find_peers=finder([s.address]),
                 config=FAST,
             )
             await nursery.start(download.run)
-            with trio.fail_after(10), pytest.raises(DownloadFailed, match="no source holds chunk 2"):
+            with (
+                trio.fail_after(10),
+                pytest.raises(DownloadFailed, match="no source holds chunk 2"),
+            ):
                 await download.wait_done()
             assert list(target.have().missing()) == [2]
             nursery.cancel_scope.cancel()
