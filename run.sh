@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-APT_PACKAGES=(python3-venv python3-dev gcc iproute2)
+APT_PACKAGES=(python3-venv python3-dev gcc iproute2 qemu-utils)
 
 log() { printf '[run.sh] %s\n' "$*" >&2; }
 

@@ -19,6 +19,7 @@ from typing import Any
 from vmswarm.daemon.cluster import LocalCluster
 from vmswarm.daemon.demo_cluster import file_digest
 from vmswarm.daemon.mixed_image import write_mixed_image
+from vmswarm.swarm.manifest import DEFAULT_CHUNK_SIZE
 
 from bench.libtorrent_baseline import parse_size, run_libtorrent_transfer
 from bench.report import emit
@@ -125,7 +126,7 @@ def run(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--size", type=parse_size, default=parse_size("1GiB"))
-    parser.add_argument("--chunk-size", type=parse_size, default=parse_size("4MiB"))
+    parser.add_argument("--chunk-size", type=parse_size, default=DEFAULT_CHUNK_SIZE)
     parser.add_argument(
         "--zero-fraction",
         type=float,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import NoReturn
-
 import typer
 
 app = typer.Typer(
@@ -14,18 +12,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-EXIT_USAGE = 2
-
 
 @app.callback()
 def _root() -> None:
     """Distribute VM image templates between storage centers and hosts, and launch VMs."""
-
-
-def fail(message: str) -> NoReturn:
-    """End the command with one line on stderr and exit status 2 (no traceback)."""
-    typer.echo(f"vmswarm: error: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
 
 
 def main() -> None:
@@ -33,14 +23,11 @@ def main() -> None:
     app()
 
 
-# Command modules register themselves on `app` with @app.command and use `fail`, so they are
-# imported after both exist; add a topic by adding its module here.
-from . import manifest_command  # noqa: E402, F401
+# Each topic's module adds its commands to `app`; add a topic by registering it here.
+from .daemon_commands import register as _register_daemon  # noqa: E402
+from .manifest_command import register as _register_manifest  # noqa: E402
+from .publish_command import register as _register_publish  # noqa: E402
 from .tracker_commands import register as _register_tracker  # noqa: E402
 
-_register_tracker(app)
-from .daemon_commands import register as _register_daemon  # noqa: E402
-from .publish_command import register as _register_publish  # noqa: E402
-
-_register_daemon(app)
-_register_publish(app)
+for _register in (_register_manifest, _register_publish, _register_tracker, _register_daemon):
+    _register(app)

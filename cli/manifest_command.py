@@ -12,7 +12,7 @@ import typer
 from ..daemon.imagefile import ImageFileError, image_name, manifest_from_file
 from ..swarm.errors import ManifestError
 from ..swarm.manifest import DEFAULT_CHUNK_SIZE, Manifest, check_chunk_size
-from .main import app, fail
+from .output import fail
 
 _SIZE_PATTERN = re.compile(r"\s*(\d+)\s*(?:([kmg])(?:ib)?)?\s*", re.IGNORECASE)
 _UNIT_SHIFT = {"k": 10, "m": 20, "g": 30}
@@ -63,7 +63,6 @@ def _human(manifest: Manifest) -> str:
     return "\n".join(f"{label:<12} {value}" for label, value in rows)
 
 
-@app.command("manifest")
 def manifest_command(
     image: Annotated[
         # readable=False: our own check reports an unreadable file in one line, not click's box.
@@ -99,3 +98,7 @@ def manifest_command(
         typer.echo(json.dumps(manifest_summary(manifest)))
     else:
         typer.echo(_human(manifest))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("manifest")(manifest_command)

@@ -1,4 +1,4 @@
-"""Generate test and demo images that mix random data with zero regions, the shape of real VM disks."""
+"""Test and demo images that mix random data with zero regions, the shape of real VM disks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ _BLOCK = 1 << 20
 
 
 def write_mixed_image(
-    path: Path, size: int, *, zero_fraction: float = 0.5, seed: int = 0, run: int = 3 * _BLOCK + 4096
+    path: Path,
+    size: int,
+    *,
+    zero_fraction: float = 0.5,
+    seed: int = 0,
+    run: int = 3 * _BLOCK + 4096,
 ) -> None:
     """Write `size` bytes: runs of random data and holes, about `zero_fraction` of them zero.
 
