@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from ..swarm.errors import LocalProtocolError, RemoteProtocolError
-from .rpc import Handler, NoticeCallback, Notifier, RpcClient, RpcError
+from .rpc import LINK_ERRORS, Handler, NoticeCallback, Notifier, RpcClient, RpcError
 
 if TYPE_CHECKING:
     from .node import Node
@@ -117,13 +116,7 @@ async def call_control(
         ) from exc
     try:
         return await client.call(method, params, on_notice)
-    except (
-        OSError,
-        trio.BrokenResourceError,
-        trio.ClosedResourceError,
-        RemoteProtocolError,
-        LocalProtocolError,
-    ) as exc:
+    except LINK_ERRORS as exc:
         raise ControlUnreachable(f"lost the daemon at {path} during {method}: {exc}") from exc
     finally:
         with contextlib.suppress(OSError, trio.BrokenResourceError, trio.ClosedResourceError):

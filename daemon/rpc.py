@@ -16,6 +16,14 @@ from ..swarm.rpc import Call, Fail, Notice, Reply, RpcConnection, RpcEvent, RpcS
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 1 << 16
+# What a broken or misbehaving link raises out of a call: the other side is gone or confused.
+LINK_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    RemoteProtocolError,
+    LocalProtocolError,
+)
 NoticeCallback = Callable[[str, dict[str, Any]], None]
 
 

@@ -16,10 +16,9 @@ import trio
 
 from ..swarm.address import format_address
 from ..swarm.bitfield import Bitfield
-from ..swarm.errors import LocalProtocolError, RemoteProtocolError
 from ..swarm.manifest import Manifest
 from ..swarm.messages import Role
-from .rpc import RpcClient, RpcError
+from .rpc import LINK_ERRORS, RpcClient, RpcError
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CALL_TIMEOUT = 30.0
@@ -243,13 +242,7 @@ class TrackerClient:
                 return await self._rpc.call(method, params)
         except trio.TooSlowError:
             self._broken = f"no answer to {method} within {self._call_timeout:g}s"
-        except (
-            OSError,
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            RemoteProtocolError,
-            LocalProtocolError,
-        ) as exc:
+        except LINK_ERRORS as exc:
             self._broken = f"lost during {method}: {exc or type(exc).__name__}"
         raise TrackerUnreachable(f"tracker {self.label}: {self._broken}")
 
