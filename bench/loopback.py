@@ -4,13 +4,15 @@ Run: python -m bench.loopback [--size 1GiB] [--zero-fraction 0.0] [--skip-libtor
 vmswarm: real tracker, center and host processes; timed is the host's fetch (every chunk
 verified and written, then the whole image verified), as the fetch reply reports it.
 MB/s counts the whole image (MB = 10^6 bytes); all-zero chunks never cross the wire, so a
-mixed image also gets a wire-rate column. Peak RSS is each daemon's VmHWM.
+mixed image also gets a wire-rate column. Peak RSS is each daemon's VmHWM; CPU seconds are each
+daemon's user + system time during the fetch (a steadier figure than MB/s on a shared machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -33,8 +35,16 @@ COLUMNS = [
     "wire_MB/s",
     "source_peak_rss_MiB",
     "receiver_peak_rss_MiB",
+    "source_cpu_s",
+    "receiver_cpu_s",
     "identical",
 ]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a live process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict[str, Any]:
@@ -57,9 +67,13 @@ def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict
             timeout=900,
         )
         host = cluster.start_host("host1")
+        cpu_before = cpu_seconds(center.process.pid), cpu_seconds(host.process.pid)
         fetched = json.loads(
             cluster.run_cli("fetch", "bench:1", "--json", node=host, timeout=900).stdout
         )
+        # CPU, unlike wall time, hardly moves when other work shares the machine.
+        source_cpu = cpu_seconds(center.process.pid) - cpu_before[0]
+        receiver_cpu = cpu_seconds(host.process.pid) - cpu_before[1]
         manifest = json.loads(
             cluster.run_cli(
                 "manifest", str(image), "--json", "--chunk-size", str(chunk_size)
@@ -79,6 +93,8 @@ def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict
             "zero_chunks": manifest["zero_chunks"],
             "source_peak_rss_bytes": center.process.peak_rss_bytes(),
             "receiver_peak_rss_bytes": host.process.peak_rss_bytes(),
+            "source_cpu_seconds": source_cpu,
+            "receiver_cpu_seconds": receiver_cpu,
             "identical": identical,
         }
 
@@ -97,6 +113,8 @@ def _row(figures: dict[str, Any], zero_fraction: float) -> dict[str, Any]:
         "wire_MB/s": wire,
         "source_peak_rss_MiB": source / (1 << 20),
         "receiver_peak_rss_MiB": receiver / (1 << 20),
+        "source_cpu_s": figures.get("source_cpu_seconds", "-"),
+        "receiver_cpu_s": figures.get("receiver_cpu_seconds", "-"),
         "identical": figures["identical"],
     }
 
@@ -137,6 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="kept if given")
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmswarm-bench-loopback-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     try:
         rows = run(
             args.size,

@@ -11,9 +11,11 @@ from typing import Annotated, Any
 import trio
 import typer
 
+from ..daemon.config_files import ConfigError, load_flavors
 from ..daemon.control import ControlError, ControlUnreachable, call_control
 from ..daemon.download import DownloadConfig
 from ..daemon.node import NodeConfig, NodeError, run_until_signalled
+from ..daemon.ratelimit import parse_rate
 from ..daemon.rpc import RpcError
 from ..daemon.storeerrors import StoreError
 from ..swarm.address import parse_address
@@ -75,6 +77,13 @@ def daemon_run(
     upload_slots: Annotated[
         int, typer.Option("--upload-slots", min=1, help="Chunks uploaded at once")
     ] = 8,
+    upload_limit: Annotated[
+        str,
+        typer.Option(
+            "--upload-limit",
+            help="Upload rate cap shared by all peers, e.g. 20MB, 100Mbit (0: unlimited)",
+        ),
+    ] = "0",
     no_source_timeout: Annotated[
         float,
         typer.Option(
@@ -83,13 +92,40 @@ def daemon_run(
             help="Seconds a wanted chunk may have no source before a fetch fails",
         ),
     ] = 30.0,
+    flavors_file: Annotated[
+        Path | None,
+        typer.Option("--flavors", help="Flavors TOML file [default: built-in tiny/small/medium]"),
+    ] = None,
+    libvirt_uri: Annotated[
+        str,
+        typer.Option(
+            "--libvirt-uri",
+            envvar="VMSWARM_LIBVIRT_URI",
+            help="Where a host runs its VMs ('none': no VMs)",
+        ),
+    ] = "qemu:///system",
+    peers: Annotated[
+        bool,
+        typer.Option(
+            "--peers/--no-peers",
+            help="Trade chunks with other hosts (--no-peers: a host uses storage centers only)",
+        ),
+    ] = True,
     log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
 ) -> None:
     """Run a daemon until SIGTERM or SIGINT."""
     try:
+        flavors = load_flavors(flavors_file)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
         parsed_role = Role(role)
     except ValueError:
         fail(f"--role must be 'host' or 'storage', got {role!r}")
+    try:
+        upload_rate = parse_rate(upload_limit)
+    except ValueError as exc:
+        fail(f"--upload-limit: {exc}")
     level = logging.getLevelName(log_level.upper())
     if not isinstance(level, int):
         fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
@@ -105,7 +141,11 @@ def daemon_run(
         rack=rack,
         max_peers=max_peers,
         upload_slots=upload_slots,
+        upload_limit=upload_rate,
+        libvirt_uri=None if libvirt_uri.lower() == "none" else libvirt_uri,
+        flavors=flavors,
         download=DownloadConfig(no_source_timeout=no_source_timeout),
+        peers=peers,
     )
     if config.tracker is None:
         logging.getLogger(__name__).warning("no --tracker given: running without a tracker")

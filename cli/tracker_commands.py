@@ -16,6 +16,7 @@ import typer
 
 from ..daemon import tracker
 from ..daemon.catalog import CatalogError
+from ..daemon.config_files import ConfigError, load_flavors
 from ..daemon.rpc import RpcError
 from ..daemon.tracker_client import (
     DEFAULT_CONNECT_TIMEOUT,
@@ -25,6 +26,7 @@ from ..daemon.tracker_client import (
     TrackerUnreachable,
 )
 from ..swarm.address import format_address, parse_address
+from ..swarm.flavors import Flavor
 from .output import fail, human_bytes, print_json
 
 log = logging.getLogger("vmswarm.tracker")
@@ -215,16 +217,26 @@ def tracker_run(
             "--announce-ttl", min=0.1, help="Seconds a peer stays listed unless it re-announces."
         ),
     ] = tracker.DEFAULT_ANNOUNCE_TTL,
+    flavors_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--flavors", help="TOML file of VM flavors for placement (default: the built-ins)."
+        ),
+    ] = None,
     log_level: LogLevelOption = "INFO",
 ) -> None:
-    """Run the tracker: the template catalog and the peer handout."""
+    """Run the tracker: the template catalog, the peer handout and VM placement."""
     setup_logging(log_level)
     try:
         host, port = parse_address(listen)
     except ValueError as exc:
         fail(f"--listen: {exc}")
     try:
-        trio.run(_serve_until_signal, host, port, state_dir, announce_ttl)
+        flavors = load_flavors(flavors_file)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        trio.run(_serve_until_signal, host, port, state_dir, announce_ttl, flavors)
     except (OSError, sqlite3.Error, CatalogError, BaseExceptionGroup) as exc:
         leaf = _single_leaf(exc)
         if isinstance(leaf, OSError):
@@ -240,11 +252,15 @@ def _single_leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-async def _serve_until_signal(host: str, port: int, state_dir: Path, ttl: float) -> None:
+async def _serve_until_signal(
+    host: str, port: int, state_dir: Path, ttl: float, flavors: dict[str, Flavor]
+) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(
-                functools.partial(tracker.run, host, port, state_dir, announce_ttl=ttl)
+                functools.partial(
+                    tracker.run, host, port, state_dir, announce_ttl=ttl, flavors=flavors
+                )
             )
             async for signum in signals:
                 log.info("received %s, stopping", signal.Signals(signum).name)

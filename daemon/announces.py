@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ..swarm.bitfield import Bitfield
 from ..swarm.messages import Role
+from ..swarm.vm_placement import HostCapacity
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class PeerAnnounce:
     rack: str | None
     holdings: Mapping[bytes, Holding]
     last_seen: float
+    # What a host daemon reported of its vCPUs and memory; None if it reported nothing.
+    capacity: HostCapacity | None = None
 
 
 class AnnounceTable:

@@ -28,6 +28,7 @@ from ..swarm.messages import Cancel, Chunk, Handshake, Have, Reject, Request, Ro
 from ..swarm.picker import Picker, PickerConfig
 from . import peer_link
 from .peer_link import (
+    BufferPool,
     HandshakeError,
     LinkDown,
     LinkOptions,
@@ -35,6 +36,7 @@ from .peer_link import (
     LocalPeer,
     PeerLink,
 )
+from .ratelimit import RateLimiter
 from .serving import MAX_QUEUED_REQUESTS, ChunkServer
 from .storeerrors import ChunkMismatch, StoreError
 from .template_sources import TemplateData
@@ -251,6 +253,7 @@ class TemplateDownload:
         local: LocalPeer,
         *,
         upload_slots: trio.Semaphore,
+        upload_limit: RateLimiter | None = None,
         want: Iterable[int] | None = None,
         want_all: bool = True,
         find_peers: PeerFinder | None = None,
@@ -264,6 +267,7 @@ class TemplateDownload:
         self.local = local
         self.config = config or DownloadConfig()
         self._upload_slots = upload_slots
+        self._upload_limit = upload_limit
         self._find_peers = find_peers
         self._budget = budget
         self._rng = rng or random.Random()
@@ -276,6 +280,11 @@ class TemplateDownload:
             math.inf
         )
         self._tokens = trio.Semaphore(self.config.chunks_in_memory)
+        # Chunk buffers for receiving (those holding tokens, one being filled per busy link) and
+        # for serving (about one per upload slot in use).
+        self._buffers = BufferPool(
+            self.manifest.chunk_size, keep=self.config.chunks_in_memory + self.config.writers + 8
+        )
         self._peers: dict[bytes, _Peer] = {}
         self._all_links: set[PeerLink] = set()
         self.banned: dict[bytes, BanRecord] = {}
@@ -425,8 +434,11 @@ class TemplateDownload:
             self._upload_slots,
             max_queued=self.config.max_queued_requests,
             on_lost=self._lost.add,
+            rate_limit=self._upload_limit,
+            buffers=self._buffers,
         )
         self._all_links.add(link)
+        link.conn.set_allocator(self._buffers.take)
         try:
             return await link.run(self._send, server, chunk_tokens=self._tokens)
         finally:
@@ -602,6 +614,7 @@ class TemplateDownload:
         if peer is None or index >= len(self._lengths) or not self._picker.is_missing(index):
             # Late (a duplicate already written) or unasked: not worth a hash.
             self.wasted_bytes += chunk.size
+            self._buffers.give(chunk.data)
             self._tokens.release()
             return
         peer.verifying += 1
@@ -620,6 +633,7 @@ class TemplateDownload:
     def _drop_job(self, job: _WriteJob) -> None:
         """Let go of a received chunk without writing it."""
         self.wasted_bytes += len(job.data)
+        self._buffers.give(job.data)
         self._tokens.release()
         peer = self._current(job.link)
         if peer is not None:
@@ -975,6 +989,8 @@ class TemplateDownload:
                 except StoreError as exc:
                     result = _Written(job.link, job.index, size, error=str(exc))
             finally:
+                # The worker thread is done with the bytes (even if cancelled: it ran to the end).
+                self._buffers.give(job.data)
                 self._tokens.release()
             await self._send.send((None, result))
 

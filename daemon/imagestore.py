@@ -1,4 +1,4 @@
-"""A host's copy of one template: a sparse, preallocated image file plus a durable chunk bitfield.
+"""A host's copy of one template: a sparse image file plus a durable chunk bitfield.
 
 Files in the data directory, named by the template id in hex:
 `.img` (the image), `.manifest` (its manifest), `.bits` and `.journal` (the DurableBitfield).
@@ -46,8 +46,55 @@ _IMAGE_SUFFIX = ".img"
 _MANIFEST_SUFFIX = ".manifest"
 _BITS_SUFFIX = ".bits"
 _JOURNAL_SUFFIX = ".journal"
-# Streaming block for whole-image hashing: large enough for blake3's threads to pay off.
-_HASH_BLOCK = 16 << 20
+# Streaming block for whole-image hashing: big enough for blake3's threads, small enough for cache.
+_HASH_BLOCK = 4 << 20
+
+
+def hash_file(fd: int, size: int, hasher: blake3.blake3, block: int = _HASH_BLOCK) -> bool:
+    """Feed the first `size` bytes of `fd` to `hasher`; False if the file is shorter.
+
+    Holes read as zeros by definition, so they are hashed from memory instead of read: the
+    zero chunks of an image are holes. pread, not mmap: a mapped hole on a full tmpfs is SIGBUS.
+    """
+    if os.fstat(fd).st_size < size:
+        return False
+    buf = bytearray(min(block, max(size, 1)))
+    view = memoryview(buf)
+    zeros = memoryview(bytes(len(buf)))
+    offset = 0
+    while offset < size:
+        data_at = min(_seek(fd, offset, os.SEEK_DATA, size), size)
+        while offset < data_at:
+            step = min(len(zeros), data_at - offset)
+            hasher.update(zeros[:step])
+            offset += step
+        if offset >= size:
+            break
+        hole_at = min(_seek(fd, offset, os.SEEK_HOLE, size), size)
+        if hole_at <= offset:  # a hole punched since SEEK_DATA: read on, it reads as zeros
+            hole_at = min(offset + len(buf), size)
+        while offset < hole_at:
+            want = min(len(buf), hole_at - offset)
+            got = pread_into(fd, view[:want], offset)
+            if got != want:
+                return False
+            hasher.update(view[:got])
+            offset += got
+    return True
+
+
+def _seek(fd: int, offset: int, whence: int, end: int) -> int:
+    """lseek for SEEK_DATA/SEEK_HOLE, which never moves past `end` (no more data: `end`)."""
+    try:
+        return os.lseek(fd, offset, whence)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:
+            # No data from `offset` on: the rest up to the end of the file (past `end`) is a hole.
+            return end if whence == os.SEEK_DATA else offset
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP):
+            # Without hole support everything is data.
+            return offset if whence == os.SEEK_DATA else end
+        raise
 
 
 def _nonzero_runs(manifest: Manifest) -> list[tuple[int, int]]:
@@ -81,6 +128,8 @@ class ImageStore:
         self.path = self.directory / (stem + _IMAGE_SUFFIX)
         self.manifest_path = self.directory / (stem + _MANIFEST_SUFFIX)
         self._lock = threading.Lock()
+        # Chunks being written right now, each with the event its other writers wait on.
+        self._writing: dict[int, threading.Event] = {}
         self._fd = -1
         self.directory.mkdir(parents=True, exist_ok=True)
         initialized = (self.directory / (stem + _BITS_SUFFIX)).exists()
@@ -94,7 +143,7 @@ class ImageStore:
             raise StoreLockedError(f"{self.path} is open in another process") from None
         try:
             self._remove_stale_temps(stem)  # only now: the lock proves no writer owns them
-            self._preallocate()
+            self._prepare_file()
             self._write_manifest()
             self._bits = DurableBitfield(
                 self.directory / stem,
@@ -162,29 +211,30 @@ class ImageStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
 
-    def _preallocate(self) -> None:
-        """Size the file sparsely, then reserve every non-zero chunk so a full disk shows now."""
+    def _prepare_file(self) -> None:
+        """Size the file sparsely and check the disk can take every non-zero chunk still missing.
+
+        A check, not a reservation: on ext4 writes into fallocated (unwritten) extents cost
+        several times the CPU, and on tmpfs fallocate zeroes every page before the first write.
+        A disk that fills up later fails the write that finds it full, and marks nothing.
+        """
         size = self.manifest.size
         st = os.fstat(self._fd)
-        runs = _nonzero_runs(self.manifest)
-        wanted = sum(length for _, length in runs)
+        wanted = sum(length for _, length in _nonzero_runs(self.manifest))
+        # Blocks already held (a store reopened mid-fetch) need no new room.
+        needed = max(wanted - st.st_blocks * 512, 0)
+        free = disk_free(self.directory)
+        if needed > free:
+            raise StoreFullError(
+                f"image of {self.manifest.name} {self.manifest.version} in {self.directory}",
+                needed,
+                free,
+            )
         try:
             if st.st_size != size:
                 os.ftruncate(self._fd, size)
-            for offset, length in runs:
-                os.posix_fallocate(self._fd, offset, length)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                allocated = os.fstat(self._fd).st_blocks * 512
-                # Report what the whole reservation needed against what was free before it.
-                needed = max(wanted - st.st_blocks * 512, 0)
-                free = disk_free(self.directory) + max(allocated - st.st_blocks * 512, 0)
-                raise StoreFullError(
-                    f"image of {self.manifest.name} {self.manifest.version} in {self.directory}",
-                    needed,
-                    free,
-                ) from exc
-            raise store_error(exc, "image preallocation", wanted, self.directory) from exc
+            raise store_error(exc, "sizing the image", needed, self.directory) from exc
 
     def _write_manifest(self) -> None:
         data = self.manifest.encode()
@@ -254,6 +304,8 @@ class ImageStore:
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> bool:
         """Verify, write and mark chunk `index`; False if it was already present.
 
+        Safe from several threads: a second writer of the same chunk waits for the first and
+        returns False if that one stored it, so exactly one call reports True.
         Once this returns the chunk survives kill -9; `checkpoint` makes it survive power loss.
         """
         self._check_open()
@@ -263,15 +315,27 @@ class ImageStore:
                 f"data for chunk {index} of {self.manifest.name} {self.manifest.version} "
                 f"does not match its digest ({len(data)} bytes, expected {length})"
             )
-        if index in self._bits:
-            return False
+        while True:
+            with self._lock:
+                if index in self._bits:
+                    return False
+                busy = self._writing.get(index)
+                if busy is None:
+                    done = self._writing[index] = threading.Event()
+                    break
+            busy.wait()
         try:
-            pwrite_all(self._fd, data, offset)
-        except OSError as exc:
-            raise store_error(exc, f"chunk {index}", length, self.directory) from exc
-        with self._lock:
-            # Marked only after every byte is in the page cache, which outlives a kill.
-            self._bits.add(index)
+            try:
+                pwrite_all(self._fd, data, offset)
+            except OSError as exc:
+                raise store_error(exc, f"chunk {index}", length, self.directory) from exc
+            with self._lock:
+                # Marked only after every byte is in the page cache, which outlives a kill.
+                self._bits.add(index)
+        finally:
+            with self._lock:
+                del self._writing[index]
+            done.set()
         return True
 
     def read_chunk(self, index: int) -> bytes:
@@ -332,16 +396,8 @@ class ImageStore:
         if not self.complete or os.fstat(self._fd).st_size != self.manifest.size:
             return False
         hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        buf = bytearray(min(_HASH_BLOCK, max(self.manifest.size, 1)))
-        view = memoryview(buf)
-        offset = 0
-        while offset < self.manifest.size:
-            want = min(len(buf), self.manifest.size - offset)
-            got = pread_into(self._fd, view[:want], offset)
-            if got != want:
-                return False
-            hasher.update(view[:got])
-            offset += got
+        if not hash_file(self._fd, self.manifest.size, hasher):
+            return False
         return bool(hasher.digest() == self.manifest.digest)
 
     # -- durability ----------------------------------------------------------------------------

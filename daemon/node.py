@@ -15,6 +15,7 @@ import ctypes.util
 import logging
 import secrets
 import signal
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import trio.lowlevel
 
 from ..swarm.address import format_address
 from ..swarm.connection import Connection
+from ..swarm.flavors import Flavor, default_flavors
 from ..swarm.manifest import Manifest
 from ..swarm.messages import PEER_ID_LENGTH, Role
 from ..swarm.rpc import is_rpc_frame_type
@@ -40,11 +42,14 @@ from .download import (
 from .imagestore import ImageStore
 from .journal import atomic_write
 from .peer_link import HANDSHAKE_TIMEOUT, HandshakeError, LocalPeer, read_handshake, refuse
+from .ratelimit import limiter_for
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .storeerrors import StoreCorruptError, StoreError
 from .template_sources import CenterTemplate, HostTemplate, TemplateData
 from .tracker_client import TemplateHave, TrackerUnreachable
 from .tracker_link import TrackerLink
+from .vm_launcher import VmLauncher
+from .vm_service import NodeTemplates, VmService, libvirt_launcher
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +71,14 @@ class NodeConfig:
     rack: str | None = None
     max_peers: int = 64
     upload_slots: int = 8
+    # Bytes per second all uploads of this node share; 0 is unlimited.
+    upload_limit: float = 0.0
     download: DownloadConfig = field(default_factory=DownloadConfig)
+    # A host runs VMs through libvirt at this URI (None: no VMs), sized by these flavors.
+    libvirt_uri: str | None = None
+    flavors: Mapping[str, Flavor] | None = None
+    # False: a host trades only with storage centers (the centralized baselines of bench.cluster).
+    peers: bool = True
 
     @property
     def control(self) -> Path:
@@ -114,8 +126,10 @@ def load_peer_id(data_dir: Path) -> bytes:
 class Node:
     """One daemon's state: its stores, its templates' swarms, its tracker link."""
 
-    def __init__(self, config: NodeConfig) -> None:
+    def __init__(self, config: NodeConfig, *, vm_launcher: VmLauncher | None = None) -> None:
         self.config = config
+        self._vm_launcher = vm_launcher
+        self.vms: VmService | None = None
         self.role = config.role
         self.data_dir = Path(config.data_dir)
         self.peer_id = b""
@@ -123,6 +137,7 @@ class Node:
         self.templates: dict[bytes, TemplateDownload] = {}
         self.budget = ConnectionBudget(config.max_peers)
         self.upload_slots = trio.Semaphore(config.upload_slots)
+        self.upload_limit = limiter_for(config.upload_limit)
         self.chunk_store: ChunkStore | None = None
         self.tracker: TrackerLink | None = None
         self.bound: tuple[str, int] | None = None
@@ -147,8 +162,13 @@ class Node:
             self.bound = (str(sockname[0]), int(sockname[1]))
             self.local = LocalPeer(self.peer_id, self.role, (host, self.bound[1]))
             self.tracker = TrackerLink(
-                self.config.tracker, self.local, self._holdings, rack=self.config.rack
+                self.config.tracker,
+                self.local,
+                self._holdings,
+                rack=self.config.rack,
+                capacity=lambda: None if self.vms is None else self.vms.capacity(),
             )
+            self.vms = self._vm_service()
             sources = await self._open_stores()
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -157,6 +177,8 @@ class Node:
                 await nursery.start(self.tracker.run)
                 await nursery.start(trio.serve_listeners, self._inbound, listeners)
                 await nursery.start(trio.serve_listeners, self._control_session, [control])
+                if self.vms is not None:
+                    await nursery.start(self.vms.run)
                 log.info(
                     "%s daemon %s listening on %s, control %s, tracker %s, %d templates",
                     self.role.value,
@@ -178,6 +200,32 @@ class Node:
                 for download in self.templates.values():
                     with contextlib.suppress(StoreError, OSError):
                         download.data.close()
+                if self.vms is not None:
+                    self.vms.launcher.close()
+
+    def _vm_service(self) -> VmService | None:
+        """A host's VM service, over the injected launcher or libvirt at config.libvirt_uri."""
+        if self.role is not Role.HOST:
+            return None
+        launcher = self._vm_launcher
+        if launcher is None:
+            if self.config.libvirt_uri is None:
+                return None
+            launcher = libvirt_launcher(self.config.libvirt_uri)
+        tracker = self.tracker
+        return VmService(
+            launcher,
+            self.data_dir,
+            NodeTemplates(self),
+            self.config.flavors or default_flavors(),
+            host_label=self._host_label,
+            on_change=(lambda: None) if tracker is None else tracker.announce_soon,
+        )
+
+    def _host_label(self) -> str:
+        """HOST:PORT this daemon listens on: how the tracker and `vmswarm vms` name it."""
+        listen = self.local.listen
+        return "" if listen is None else format_address(*listen)
 
     async def _open_stores(self) -> list[TemplateData]:
         if self.role is Role.STORAGE:
@@ -215,6 +263,7 @@ class Node:
             data,
             self.local,
             upload_slots=self.upload_slots,
+            upload_limit=self.upload_limit,
             want=None if want_all else (),
             want_all=want_all,
             find_peers=self._find_peers,
@@ -236,7 +285,14 @@ class Node:
     async def _find_peers(self, template_id: bytes, bits: Any) -> list[PeerAddress]:
         if self.tracker is None:
             return []
-        return await self.tracker.find_peers(template_id, bits)
+        found = await self.tracker.find_peers(template_id, bits)
+        if not self._trades_with_hosts:
+            return [peer for peer in found if peer.role is Role.STORAGE]
+        return found
+
+    @property
+    def _trades_with_hosts(self) -> bool:
+        return self.config.peers or self.role is Role.STORAGE
 
     # -- inbound TCP ---------------------------------------------------------------------------
 
@@ -269,6 +325,9 @@ class Node:
             if download is None:
                 await refuse(stream, conn, f"unknown template {their.template_id.hex()}")
                 return
+            if their.role is Role.HOST and not self._trades_with_hosts:
+                await refuse(stream, conn, "this host does not trade with other hosts (--no-peers)")
+                return
             await download.accept(stream, conn, their)
         finally:
             self.budget.release()
@@ -276,10 +335,13 @@ class Node:
     def _tcp_handlers(self) -> dict[str, Handler]:
         if self.role is Role.STORAGE:
             return {"replicate": self._replicate}
-        return {}
+        return {} if self.vms is None else self.vms.handlers()
 
     async def _control_session(self, stream: trio.SocketStream) -> None:
-        await serve_rpc(stream, control_handlers(self))
+        handlers = control_handlers(self)
+        if self.vms is not None:
+            handlers = {**self.vms.handlers(), **handlers}
+        await serve_rpc(stream, handlers)
 
     # -- storage: replicate ----------------------------------------------------------------------
 
@@ -392,6 +454,9 @@ class Node:
         except DownloadFailed as exc:
             code = "no_source" if str(exc).startswith("no source") else "fetch_failed"
             raise RpcError(code, f"cannot fetch {label}: {exc}") from None
+        if not already_here and self.tracker is not None:
+            # Placement prefers hosts holding the template: tell the tracker now, not next interval.
+            self.tracker.announce_soon()
         manifest = download.manifest
         return {
             "template_id": manifest.template_id.hex(),
@@ -452,6 +517,7 @@ class Node:
                 "last_error": None if tracker is None else tracker.last_error,
             },
             "templates": [d.status() for d in self.templates.values()],
+            "vm_service": None if self.vms is None else self.vms.status(),
         }
 
 

@@ -40,7 +40,8 @@ from ..swarm.messages import (
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 1 << 20
+# Small on purpose: chunk payloads are received in place, this buffer only sees what lies between.
+RECEIVE_SIZE = 1 << 16
 HANDSHAKE_TIMEOUT = 10.0
 KEEPALIVE_INTERVAL = 30.0
 IDLE_TIMEOUT = 120.0
@@ -106,6 +107,46 @@ class RequestSink(Protocol):
 
 
 EventSender = trio.MemorySendChannel[tuple["PeerLink", LinkEvent]]
+
+
+class BufferPool:
+    """Chunk buffers for reuse: a fresh multi-MiB allocation costs a memset and page faults.
+
+    Only the trio thread takes and gives. A buffer must be given back only once nothing reads
+    it any more; giving one twice is ignored, and foreign objects are simply dropped.
+    """
+
+    def __init__(self, size: int, keep: int) -> None:
+        self.size = size
+        self.keep = keep
+        self._free: list[bytearray] = []
+        self._free_ids: set[int] = set()
+        self.allocated = 0
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of at least `size` bytes (its contents are stale)."""
+        if size > self.size:
+            return bytearray(size)
+        if self._free:
+            buf = self._free.pop()
+            self._free_ids.discard(id(buf))
+            return buf
+        self.allocated += 1
+        return bytearray(self.size)
+
+    def give(self, data: object) -> None:
+        """Return the buffer behind `data` (a bytearray or a memoryview of one)."""
+        buf = data.obj if isinstance(data, memoryview) else data
+        if type(buf) is not bytearray or len(buf) != self.size:
+            return
+        if id(buf) in self._free_ids or len(self._free) >= self.keep:
+            return
+        self._free.append(buf)
+        self._free_ids.add(id(buf))
+
+    @property
+    def free(self) -> int:
+        return len(self._free)
 
 
 def _now() -> float:
@@ -253,6 +294,17 @@ class PeerLink:
             data = await self.stream.receive_some(self._receive_size)
             self.bytes_in += len(data)
             self.conn.receive_data(data, now=_now())
+            return
+        target = self.conn.payload_buffer()
+        if target is not None:
+            # The rest of a chunk goes straight into its own buffer: no copy in user space.
+            with target:
+                count = await sock.recv_into(target)
+            self.bytes_in += count
+            if count:
+                self.conn.payload_received(count, now=_now())
+            else:
+                self.conn.receive_data(b"", now=_now())
             return
         # One reused buffer: a fresh bytes object per receive costs page faults, not just a copy.
         count = await sock.recv_into(self._receive_buffer)

@@ -18,6 +18,7 @@ from ..swarm.connection import Connection
 from ..swarm.framing import MAX_CHUNK_SIZE
 from ..swarm.messages import Reject
 from .peer_link import (
+    BufferPool,
     HandshakeError,
     LinkOptions,
     LocalPeer,
@@ -26,6 +27,7 @@ from .peer_link import (
     read_handshake,
     refuse,
 )
+from .ratelimit import RateLimiter
 from .storeerrors import ChunkAbsent, ChunkCorrupt, StoreError
 from .template_sources import TemplateData
 
@@ -47,8 +49,12 @@ class ChunkServer:
         *,
         max_queued: int = MAX_QUEUED_REQUESTS,
         on_lost: Callable[[int], None] | None = None,
+        rate_limit: RateLimiter | None = None,
+        buffers: BufferPool | None = None,
     ) -> None:
         self.link = link
+        self.rate_limit = rate_limit
+        self.buffers = buffers
         self.data = data
         self.upload_slots = upload_slots
         self.max_queued = max_queued
@@ -102,9 +108,10 @@ class ChunkServer:
             # A chunk loaded but never picked up by the sender still holds its slot.
             while True:
                 try:
-                    receive.receive_nowait()
+                    _, payload = receive.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
+                self._give_back(payload)
                 self.upload_slots.release()
 
     async def _loader(self, send: trio.MemorySendChannel[tuple[int, memoryview]]) -> None:
@@ -120,8 +127,9 @@ class ChunkServer:
             self._started.add(index)
             await self.upload_slots.acquire()
             handed_over = False
+            payload: memoryview | None = None
             try:
-                payload = await trio.to_thread.run_sync(self.data.read_chunk, index)
+                payload = await self._read(index)
                 if index in self._cancelled:
                     continue
                 await send.send((index, payload))
@@ -138,17 +146,43 @@ class ChunkServer:
                 if not handed_over:
                     self._started.discard(index)
                     self._cancelled.discard(index)
+                    if payload is not None:
+                        self._give_back(payload)
                     self.upload_slots.release()
+
+    async def _read(self, index: int) -> memoryview:
+        """Read and verify a chunk in a worker thread, into a pooled buffer when the store can."""
+        read_into = getattr(self.data, "read_chunk_into", None)
+        if self.buffers is None or read_into is None:
+            return await trio.to_thread.run_sync(self.data.read_chunk, index)
+        buf = self.buffers.take(self.data.manifest.chunk_range(index)[1])
+        try:
+            view: memoryview = await trio.to_thread.run_sync(read_into, index, buf)
+        except BaseException:
+            self.buffers.give(buf)
+            raise
+        return view
+
+    def _give_back(self, payload: memoryview) -> None:
+        if self.buffers is not None:
+            self.buffers.give(payload)
 
     async def _sender(self, receive: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
         async for index, payload in receive:
             try:
+                if index in self._cancelled:
+                    continue
+                if self.rate_limit is not None:
+                    # Shared by every upload of the node: paced before the bytes go out.
+                    await self.rate_limit.acquire(len(payload))
                 if index not in self._cancelled and await self.link.send_chunk(index, payload):
                     self.served_chunks += 1
                     self.served_bytes += len(payload)
             finally:
                 self._started.discard(index)
                 self._cancelled.discard(index)
+                # Sent (the kernel has its copy) or dropped: the buffer is free again.
+                self._give_back(payload)
                 self.upload_slots.release()
 
 

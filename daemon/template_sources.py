@@ -41,6 +41,9 @@ class TemplateData(Protocol):
     def read_chunk(self, index: int) -> memoryview:
         """A present chunk's bytes in a fresh buffer, verified; ChunkAbsent or ChunkCorrupt."""
 
+    # Stores may also offer `read_chunk_into(index, buf) -> memoryview`: the same, read into
+    # `buf` (at least the chunk's length; the view is of its start), so buffers can be reused.
+
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         """Verify and store chunk `index`; returns the indices that became present.
 
@@ -74,10 +77,11 @@ class HostTemplate:
         return self.store.have
 
     def read_chunk(self, index: int) -> memoryview:
-        _, length = self.manifest.chunk_range(index)
-        buf = bytearray(length)
-        self.store.read_chunk_into(index, buf)
-        return memoryview(buf)
+        return self.read_chunk_into(index, bytearray(self.manifest.chunk_range(index)[1]))
+
+    def read_chunk_into(self, index: int, buf: bytearray) -> memoryview:
+        length = self.store.read_chunk_into(index, buf)
+        return memoryview(buf)[:length]
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         return [index] if self.store.write_chunk(index, data) else []
@@ -134,19 +138,25 @@ class CenterTemplate:
             return self._have.copy()
 
     def read_chunk(self, index: int) -> memoryview:
-        if index in self._manifest.zero_chunks:
-            return memoryview(bytearray(self._manifest.chunk_range(index)[1]))
-        digest = self._manifest.chunk_digests[index]
+        return self.read_chunk_into(index, bytearray(self._manifest.chunk_range(index)[1]))
+
+    def read_chunk_into(self, index: int, buf: bytearray) -> memoryview:
         _, length = self._manifest.chunk_range(index)
-        buf = bytearray(length)
+        if index in self._manifest.zero_chunks:
+            view = memoryview(buf)[:length]
+            view[:] = bytes(length)
+            return view
+        digest = self._manifest.chunk_digests[index]
+        if len(buf) < length:
+            raise ValueError(f"buffer of {len(buf)} bytes too small for {length}-byte chunk")
         try:
-            got = self.store.get_into(digest, buf)
+            got = self.store.get_into(digest, memoryview(buf)[:length])
         except (ChunkAbsent, ChunkCorrupt):
             self._drop(digest)
             raise
         if got != length:
             raise ChunkCorrupt(f"chunk {index} holds {got} bytes, the manifest says {length}")
-        return memoryview(buf)
+        return memoryview(buf)[:length]
 
     def _drop(self, digest: bytes) -> None:
         with self._lock:
@@ -204,14 +214,19 @@ class ImageFileTemplate:
         return Bitfield.full(self._manifest.chunk_count)
 
     def read_chunk(self, index: int) -> memoryview:
+        return self.read_chunk_into(index, bytearray(self._manifest.chunk_range(index)[1]))
+
+    def read_chunk_into(self, index: int, buf: bytearray) -> memoryview:
         offset, length = self._manifest.chunk_range(index)
-        buf = bytearray(length)
-        got = pread_into(self._fd, buf, offset)
-        if got != length or not self._manifest.chunk_matches(index, buf):
+        if len(buf) < length:
+            raise ValueError(f"buffer of {len(buf)} bytes too small for {length}-byte chunk")
+        view = memoryview(buf)[:length]
+        got = pread_into(self._fd, view, offset)
+        if got != length or not self._manifest.chunk_matches(index, view):
             raise ChunkCorrupt(
                 f"chunk {index} of {self._path} changed since its manifest was built"
             )
-        return memoryview(buf)
+        return view
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         raise StoreError(f"{self._path} is served read-only")

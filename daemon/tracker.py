@@ -1,10 +1,10 @@
-"""The tracker service: template catalog and peer handout over RPC; it never carries chunk data."""
+"""The tracker: template catalog, peer handout and VM placement over RPC; never chunk data."""
 
 from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +13,14 @@ import trio
 from ..swarm.address import format_address
 from ..swarm.bitfield import Bitfield
 from ..swarm.errors import ManifestError
+from ..swarm.flavors import Flavor, default_flavors
 from ..swarm.handout import PeerRecord, rank_peers
 from ..swarm.messages import Role
 from ..swarm.rpc import MAX_RPC_FRAME
+from ..swarm.vm_placement import CAPACITY_KEYS, HostCapacity
 from .announces import AnnounceTable, Holding, PeerAnnounce
 from .catalog import Catalog, CatalogError, TemplateEntry
+from .placement_service import HostCaller, PlacementService, call_host
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,21 @@ def _popcount(bits: bytes) -> int:
     return int.from_bytes(bits, "big").bit_count()
 
 
+def _capacity(data: dict[str, Any] | None) -> HostCapacity | None:
+    """An announce's optional `capacity` map: four non-negative integers, vCPUs and bytes."""
+    if data is None:
+        return None
+    if set(data) != set(CAPACITY_KEYS):
+        raise _bad(f"param 'capacity' must have exactly the keys {', '.join(CAPACITY_KEYS)}")
+    values = [data[key] for key in CAPACITY_KEYS]
+    if any(type(v) is not int for v in values):
+        raise _bad("param 'capacity' values must be integers")
+    try:
+        return HostCapacity(*values)
+    except ValueError as exc:
+        raise _bad(f"param 'capacity': {exc}") from None
+
+
 def _sync_handler(method: Callable[[Params], Params]) -> Handler:
     async def handler(params: Params, _: Notifier) -> Params:
         return method(params)
@@ -106,12 +124,22 @@ class Tracker:
         announce_ttl: float = DEFAULT_ANNOUNCE_TTL,
         clock: Callable[[], float] = trio.current_time,
         rng: random.Random | None = None,
+        flavors: Mapping[str, Flavor] | None = None,
+        host_caller: HostCaller = call_host,
     ) -> None:
         self.catalog = catalog
         self.announces = AnnounceTable(announce_ttl)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._register_lock = trio.Lock()
+        self.placement = PlacementService(
+            catalog,
+            self.announces,
+            default_flavors() if flavors is None else flavors,
+            self._now,
+            host_caller=host_caller,
+            rng=self._rng,
+        )
 
     @property
     def interval(self) -> float:
@@ -128,6 +156,9 @@ class Tracker:
             "lookup": _async_handler(self.lookup),
             "centers": _sync_handler(self.centers),
             "swarm": _sync_handler(self.swarm),
+            "launch": _async_handler(self.placement.launch),
+            "vms": _async_handler(self.placement.vms),
+            "flavors": _sync_handler(self.placement.flavors_rpc),
         }
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
@@ -169,10 +200,11 @@ class Tracker:
             host = remote_host
         rack = _text(params, "rack", MAX_RACK_LENGTH, optional=True)
         holdings = self._holdings(_param(params, "templates", (list,)))
+        capacity = _capacity(_param(params, "capacity", (dict,), optional=True))
         if len(self.announces) >= MAX_PEERS and self.announces.get(peer_id, now) is None:
             raise RpcError("tracker_full", f"the tracker already tracks {MAX_PEERS} peers")
         fresh = self.announces.update(
-            PeerAnnounce(peer_id, role, (host, port), rack, holdings, last_seen=now)
+            PeerAnnounce(peer_id, role, (host, port), rack, holdings, now, capacity)
         )
         if fresh:
             log.info(
@@ -398,12 +430,13 @@ async def run(
     *,
     announce_ttl: float = DEFAULT_ANNOUNCE_TTL,
     rng: random.Random | None = None,
+    flavors: Mapping[str, Flavor] | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the tracker until cancelled; `task_status.started` gets the bound (host, port)."""
     catalog = await trio.to_thread.run_sync(Catalog.open, Path(state_dir))
     try:
-        tracker = Tracker(catalog, announce_ttl=announce_ttl, rng=rng)
+        tracker = Tracker(catalog, announce_ttl=announce_ttl, rng=rng, flavors=flavors)
         listeners = await trio.open_tcp_listeners(listen_port, host=listen_host or None)
         sockname = listeners[0].socket.getsockname()
         bound = (str(sockname[0]), int(sockname[1]))

@@ -18,10 +18,13 @@ from ..swarm.address import format_address
 from ..swarm.bitfield import Bitfield
 from ..swarm.manifest import Manifest
 from ..swarm.messages import Role
+from ..swarm.vm_placement import CAPACITY_KEYS, HostCapacity
 from .rpc import LINK_ERRORS, RpcClient, RpcError
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CALL_TIMEOUT = 30.0
+# A launch may fetch a whole template and boot it before the tracker answers.
+DEFAULT_LAUNCH_TIMEOUT = 900.0
 
 
 class TrackerUnreachable(Exception):
@@ -114,6 +117,139 @@ class SwarmView:
     template_id: bytes
     chunks: int | None  # None when the catalog does not know the template
     members: tuple[SwarmMember, ...]
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    """A VM the tracker placed and the chosen host started."""
+
+    vm_id: str
+    host: str  # the host daemon's address, HOST:PORT
+    host_peer_id: bytes
+    template_id: bytes
+    domain: str
+    seconds_fetch: float
+    seconds_boot: float
+    placement: str  # why this host: "requested", "locality" or "least_loaded"
+    serial_log: str | None = None  # the guest's serial console file on the host
+    domain_type: str | None = None  # "kvm" or "qemu" (TCG)
+
+
+@dataclass(frozen=True)
+class VmInfo:
+    """One VM as its host daemon reports it, with the host it runs on."""
+
+    host: str
+    host_peer_id: bytes
+    vm_id: str
+    domain: str
+    name: str
+    template_id: bytes
+    flavor: str
+    state: str
+    vcpus: int
+    memory: int
+    stats: Mapping[str, float]  # cpu_seconds, cpu_utilisation, memory_bytes, net_*, disk_*
+
+
+@dataclass(frozen=True)
+class HostFailure:
+    """A host daemon the tracker could not ask for its VMs, and why."""
+
+    host: str
+    host_peer_id: bytes
+    error: str
+
+
+@dataclass(frozen=True)
+class ClusterVms:
+    vms: tuple[VmInfo, ...]
+    unreachable: tuple[HostFailure, ...]
+
+
+VM_STATS = (
+    "cpu_seconds",
+    "cpu_utilisation",
+    "memory_bytes",
+    "net_rx_bytes",
+    "net_tx_bytes",
+    "disk_read_bytes",
+    "disk_write_bytes",
+)
+
+
+def capacity_params(capacity: HostCapacity | Mapping[str, int] | None) -> dict[str, int] | None:
+    """An announce's `capacity` field from a HostCapacity or a map of the same four keys."""
+    if capacity is None:
+        return None
+    if isinstance(capacity, HostCapacity):
+        return capacity.as_dict()
+    return {key: capacity[key] for key in CAPACITY_KEYS}
+
+
+def _template_id(data: Mapping[str, Any]) -> bytes:
+    """A template id sent as bytes or as hex text."""
+    value = data["template_id"]
+    if isinstance(value, str):
+        return bytes.fromhex(value)
+    if not isinstance(value, bytes):
+        raise TypeError(f"field 'template_id' has type {type(value).__name__}")
+    return value
+
+
+def _number(data: Mapping[str, Any], key: str) -> float:
+    value = data.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"field {key!r} has type {type(value).__name__}")
+    return float(value)
+
+
+def _launch_result(data: Mapping[str, Any]) -> LaunchResult:
+    return LaunchResult(
+        vm_id=str(_get(data, "vm_id", (str, int))),
+        host=_get(data, "host", str),
+        host_peer_id=_get(data, "host_peer_id", bytes),
+        template_id=_template_id(data),
+        domain=_get(data, "domain", str),
+        seconds_fetch=_number(data, "seconds_fetch"),
+        seconds_boot=_number(data, "seconds_boot"),
+        placement=_get(data, "placement", str),
+        serial_log=_optional_text(data, "serial_log"),
+        domain_type=_optional_text(data, "domain_type"),
+    )
+
+
+def _optional_text(data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"field {key!r} is not a string")
+    return value
+
+
+def _vm_info(data: Mapping[str, Any]) -> VmInfo:
+    return VmInfo(
+        host=_get(data, "host", str),
+        host_peer_id=_get(data, "host_peer_id", bytes),
+        vm_id=str(_get(data, "vm_id", (str, int))),
+        domain=_get(data, "domain", str),
+        name=_get(data, "name", str),
+        template_id=_template_id(data),
+        flavor=_get(data, "flavor", str),
+        state=_get(data, "state", str),
+        vcpus=_get(data, "vcpus", int),
+        memory=_get(data, "memory", int),
+        stats={key: _number(data, key) for key in VM_STATS},
+    )
+
+
+def _host_failure(data: Mapping[str, Any]) -> HostFailure:
+    return HostFailure(
+        host=_get(data, "host", str),
+        host_peer_id=_get(data, "host_peer_id", bytes),
+        error=_get(data, "error", str),
+    )
 
 
 def _get(data: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
@@ -234,20 +370,25 @@ class TrackerClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    async def _call(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    async def _call(
+        self, method: str, params: dict[str, Any], time_limit: float | None = None
+    ) -> dict[str, Any]:
         if self._broken is not None:
             raise TrackerUnreachable(f"tracker {self.label}: connection broken: {self._broken}")
+        limit = self._call_timeout if time_limit is None else time_limit
         try:
-            with trio.fail_after(self._call_timeout):
+            with trio.fail_after(limit):
                 return await self._rpc.call(method, params)
         except trio.TooSlowError:
-            self._broken = f"no answer to {method} within {self._call_timeout:g}s"
+            self._broken = f"no answer to {method} within {limit:g}s"
         except LINK_ERRORS as exc:
             self._broken = f"lost during {method}: {exc or type(exc).__name__}"
         raise TrackerUnreachable(f"tracker {self.label}: {self._broken}")
 
-    async def _parsed(self, method: str, params: dict[str, Any], parse: Any) -> Any:
-        result = await self._call(method, params)
+    async def _parsed(
+        self, method: str, params: dict[str, Any], parse: Any, time_limit: float | None = None
+    ) -> Any:
+        result = await self._call(method, params, time_limit)
         try:
             return parse(result)
         except (KeyError, TypeError, ValueError) as exc:
@@ -263,9 +404,13 @@ class TrackerClient:
         templates: Iterable[TemplateHave],
         *,
         rack: str | None = None,
+        capacity: HostCapacity | Mapping[str, int] | None = None,
     ) -> float:
-        """Tell the tracker what this daemon holds; returns seconds until the next announce."""
-        params = {
+        """Tell the tracker what this daemon holds; returns seconds until the next announce.
+
+        A host daemon passes its `capacity` (vCPUs and memory, total and used) for placement.
+        """
+        params: dict[str, Any] = {
             "peer_id": peer_id,
             "role": role.value,
             "listen": [listen[0], listen[1]],
@@ -275,6 +420,8 @@ class TrackerClient:
                 for t in templates
             ],
         }
+        if capacity is not None:
+            params["capacity"] = capacity_params(capacity)
         interval: float = await self._parsed(
             "announce", params, lambda r: float(_get(r, "interval", (int, float)))
         )
@@ -357,3 +504,48 @@ class TrackerClient:
 
         view: SwarmView = await self._parsed("swarm", {"template_id": template_id}, parse)
         return view
+
+    async def launch(
+        self,
+        name: str,
+        version: str | None,
+        flavor: str,
+        *,
+        host: str | None = None,
+        vm_name: str | None = None,
+        time_limit: float = DEFAULT_LAUNCH_TIMEOUT,
+    ) -> LaunchResult:
+        """Place and start a VM; returns once it runs. `host`: HOST:PORT or a peer id (prefix).
+
+        RpcError codes: unknown_template, unknown_flavor, no_capacity, unknown_host,
+        host_unreachable, and whatever the chosen host refuses with (libvirt_unreachable,
+        not_bootable, name_taken, ...).
+        """
+        params = {
+            "name": name,
+            "version": version,
+            "flavor": flavor,
+            "host": host,
+            "vm_name": vm_name,
+        }
+        launched: LaunchResult = await self._parsed("launch", params, _launch_result, time_limit)
+        return launched
+
+    async def vms(self) -> ClusterVms:
+        """Every VM on every live host; hosts that did not answer are listed apart."""
+
+        def parse(result: dict[str, Any]) -> ClusterVms:
+            return ClusterVms(
+                tuple(_vm_info(v) for v in _get(result, "vms", list)),
+                tuple(_host_failure(f) for f in _get(result, "unreachable", list)),
+            )
+
+        found: ClusterVms = await self._parsed("vms", {}, parse)
+        return found
+
+    async def flavors(self) -> list[dict[str, Any]]:
+        """The tracker's flavors, smallest first, as plain maps (see swarm.flavors)."""
+        flavors: list[dict[str, Any]] = await self._parsed(
+            "flavors", {}, lambda r: [dict(f) for f in _get(r, "flavors", list)]
+        )
+        return flavors

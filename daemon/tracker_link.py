@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import trio
 
@@ -28,6 +28,8 @@ DEFAULT_INTERVAL = 30.0
 PEERS_CAP = 30
 
 Holdings = Callable[[], list[TemplateHave]]
+# A host's {vcpus_total, vcpus_used, memory_total, memory_used}; None while it is unknown.
+Capacity = Callable[[], Mapping[str, int] | None]
 
 
 class TrackerLink:
@@ -40,6 +42,7 @@ class TrackerLink:
         holdings: Holdings,
         *,
         rack: str | None = None,
+        capacity: Capacity | None = None,
         connect_timeout: float = 5.0,
         call_timeout: float = 15.0,
         max_backoff: float = MAX_BACKOFF,
@@ -49,6 +52,7 @@ class TrackerLink:
         self.local = local
         self.rack = rack
         self._holdings = holdings
+        self._capacity = capacity
         self._connect_timeout = connect_timeout
         self._call_timeout = call_timeout
         self._max_backoff = max_backoff
@@ -139,6 +143,7 @@ class TrackerLink:
                         self.local.listen or ("0.0.0.0", 1),
                         self._holdings(),
                         rack=self.rack,
+                        capacity=None if self._capacity is None else self._capacity(),
                     )
                     if not self.connected:
                         log.info("announced to tracker %s", self.label)

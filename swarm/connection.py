@@ -186,6 +186,30 @@ class Connection:
         self.last_received_at = now
         self._reader.feed(data)
 
+    def set_allocator(self, allocate: Callable[[int], bytearray]) -> None:
+        """Where later chunk payload buffers come from (at least the size asked; e.g. a pool)."""
+        self._reader.set_allocator(allocate)
+
+    def payload_buffer(self) -> memoryview | None:
+        """Where the next bytes from the peer belong when they continue a chunk payload.
+
+        None unless a chunk's header has arrived and its payload has not. Receive into the view
+        (never more than its length), then call `payload_received(count, now=...)`; this saves
+        copying the payload through `receive_data`. The end of the stream still goes through
+        `receive_data(b"")`.
+        """
+        if self._eof:
+            return None
+        return self._reader.payload_buffer()
+
+    def payload_received(self, count: int, *, now: float) -> None:
+        """`count` bytes were received into the view `payload_buffer` returned."""
+        if self._eof:
+            raise LocalProtocolError("received data after end of stream")
+        self._reader.payload_received(count)
+        if count:
+            self.last_received_at = now
+
     def next_event(self) -> Event | Literal[Sentinel.NEED_DATA, Sentinel.CLOSED]:
         """The next event from the peer, NEED_DATA, or CLOSED once the end was reported."""
         if self._their_error is not None:

@@ -207,6 +207,32 @@ class FrameReader:
         """Whether part of a frame has arrived and the rest has not."""
         return self._payload is not None or len(self._buf) > self._start
 
+    def set_allocator(self, allocate: Callable[[int], bytearray]) -> None:
+        """Take later chunk payload buffers from `allocate` (e.g. a pool); the current one stays."""
+        self._allocate = allocate
+
+    def payload_buffer(self) -> memoryview | None:
+        """The still-empty tail of the chunk payload being received, writable; None between chunks.
+
+        Receive straight into it (`socket.recv_into`), then report the count with
+        `payload_received`: the payload then never passes through the shared buffer.
+        """
+        payload = self._payload
+        if payload is None or self._filled == len(payload):
+            return None
+        return payload[self._filled :]
+
+    def payload_received(self, count: int) -> None:
+        """`count` bytes were written at the start of the view `payload_buffer` returned."""
+        payload = self._payload
+        if payload is None:
+            raise LocalProtocolError("no chunk payload is being received")
+        if not 0 <= count <= len(payload) - self._filled:
+            raise LocalProtocolError(
+                f"{count} bytes received into a payload with {len(payload) - self._filled} to go"
+            )
+        self._filled += count
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         payload = self._payload
         if payload is not None:

@@ -1,4 +1,4 @@
-"""The host's per-template image store: sparse preallocated image plus durable bitfield."""
+"""The host's per-template image store: sparse image plus durable bitfield."""
 
 from __future__ import annotations
 
@@ -7,12 +7,16 @@ import os
 import random
 import shutil
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import blake3
 import pytest
-from vmswarm.daemon.imagestore import ImageStore
+from vmswarm.daemon import imagestore, journal
+from vmswarm.daemon.imagestore import ImageStore, hash_file
 from vmswarm.daemon.storeerrors import (
     ChunkAbsent,
     ChunkCorrupt,
@@ -101,16 +105,21 @@ def _assert_zero_chunks_are_holes(store: ImageStore) -> None:
     nonzero = sum(manifest.chunk_range(i)[1] for i in range(manifest.chunk_count)) - sum(
         manifest.chunk_range(i)[1] for i in manifest.zero_chunks
     )
-    assert nonzero <= allocated < nonzero + CHUNK
+    # Only non-zero chunks ever take room (written ones; a fresh store takes none).
+    assert allocated < nonzero + CHUNK
 
 
-def test_create_preallocates_and_zero_chunks_are_present_holes(tmp_path: Path) -> None:
+def test_create_sizes_the_image_sparsely_and_zero_chunks_are_present_holes(
+    tmp_path: Path,
+) -> None:
     _, manifest = _image("D0DD00D0", tail=100)
     with ImageStore(tmp_path, manifest) as store:
         assert store.path.stat().st_size == manifest.size
         assert set(store.have) == {1, 4, 5, 7}
         assert store.missing_count == 4 and not store.complete
         _assert_zero_chunks_are_holes(store)
+        # No reservation up front: writing into fallocated extents costs far more CPU.
+        assert store.path.stat().st_blocks * 512 < CHUNK
     names = sorted(os.listdir(tmp_path))
     stem = manifest.template_id.hex()
     assert names == sorted(stem + s for s in (".bits", ".img", ".journal", ".manifest"))
@@ -299,7 +308,7 @@ def test_stale_temp_files_are_removed_on_open(tmp_path: Path) -> None:
     assert not stale.exists()
 
 
-def test_preallocation_reports_a_full_disk_and_leaves_nothing(
+def test_a_disk_too_small_for_the_image_fails_at_once_and_leaves_nothing(
     small_tmpfs: Callable[[str], Path],
 ) -> None:
     root = small_tmpfs("1m")
@@ -327,9 +336,7 @@ def test_full_disk_during_chunk_write_marks_nothing(small_tmpfs: Callable[[str],
     root = small_tmpfs("2m")
     data, manifest = _image("DDDDDDDD")
     store = ImageStore(root, manifest)
-    # Take the reservation away behind the store's back, then fill the disk.
-    os.truncate(store.path, 0)
-    os.truncate(store.path, manifest.size)
+    # Fill the disk behind the store's back.
     store.write_chunk(1, _chunk(data, manifest, 1))  # journaled, so a checkpoint is due
     filler = root / "filler"
     with filler.open("wb") as f, pytest.raises(OSError) as full:
@@ -349,3 +356,83 @@ def test_full_disk_during_chunk_write_marks_nothing(small_tmpfs: Callable[[str],
     with ImageStore(root, manifest) as again:
         assert set(again.have) == {0, 1}
         assert again.read_chunk(0) == _chunk(data, manifest, 0)
+
+
+@pytest.mark.parametrize("block", [4096, 1 << 16, 1 << 22])
+def test_hash_file_reads_data_and_hashes_holes_as_zeros(tmp_path: Path, block: int) -> None:
+    path = tmp_path / "sparse"
+    rng = random.Random(block)
+    size = 3 * (1 << 20) + 12345
+    with open(path, "wb") as out:
+        out.truncate(size)
+        for offset in (0, 1 << 20, size - 5000):
+            out.seek(offset)
+            out.write(rng.randbytes(5000))
+    data = path.read_bytes()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        hasher = blake3.blake3()
+        assert hash_file(fd, size, hasher, block)
+        assert hasher.digest() == blake3.blake3(data).digest()
+        # A file shorter than asked does not verify.
+        assert not hash_file(fd, size + 1, blake3.blake3(), block)
+    finally:
+        os.close(fd)
+
+
+def _racing_writes(store: ImageStore, chunk: bytes, index: int) -> list[bool | Exception]:
+    """Two threads write the same chunk at once; what each call returned or raised."""
+    barrier = threading.Barrier(2)
+
+    def write() -> bool | Exception:
+        barrier.wait()
+        try:
+            return store.write_chunk(index, chunk)
+        except StoreError as exc:
+            return exc
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(lambda _: write(), range(2)))
+
+
+def test_concurrent_writes_of_one_chunk_report_success_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, manifest = _image("DDD")
+    real_pwrite = journal.pwrite_all
+    writes: list[int] = []
+
+    def slow_pwrite(fd: int, buf: bytes | bytearray | memoryview, offset: int) -> None:
+        writes.append(offset)
+        time.sleep(0.05)  # widen the window in which both writers are past the checks
+        real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(imagestore, "pwrite_all", slow_pwrite)
+    with ImageStore(tmp_path, manifest) as store:
+        results = _racing_writes(store, _chunk(data, manifest, 1), 1)
+        assert sorted(results, key=str) == [False, True]
+        assert writes == [CHUNK]  # the second writer waited and found the chunk there
+        assert 1 in store and store.read_chunk(1) == _chunk(data, manifest, 1)
+
+
+def test_a_waiting_writer_takes_over_when_the_first_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, manifest = _image("DDD")
+    real_pwrite = journal.pwrite_all
+    calls: list[int] = []
+
+    def first_fails(fd: int, buf: bytes | bytearray | memoryview, offset: int) -> None:
+        calls.append(offset)
+        time.sleep(0.05)
+        if len(calls) == 1:
+            raise OSError(errno.EIO, "injected I/O error")
+        real_pwrite(fd, buf, offset)
+
+    monkeypatch.setattr(imagestore, "pwrite_all", first_fails)
+    with ImageStore(tmp_path, manifest) as store:
+        results = _racing_writes(store, _chunk(data, manifest, 2), 2)
+        assert sum(r is True for r in results) == 1
+        assert sum(isinstance(r, StoreError) for r in results) == 1
+        assert len(calls) == 2 and 2 in store
+        assert store.read_chunk(2) == _chunk(data, manifest, 2)

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 from vmswarm.daemon.peer_link import (
+    BufferPool,
     LinkDown,
     LinkOptions,
     LinkRefused,
@@ -88,9 +89,16 @@ async def link_pair(
     right_have: Bitfield,
     *,
     options: LinkOptions | None = None,
+    sockets: bool = False,
 ) -> tuple[PeerLink, PeerLink]:
-    """Two linked ends: `left` dialed, `right` accepted."""
-    left_stream, right_stream = trio.testing.memory_stream_pair()
+    """Two linked ends: `left` dialed, `right` accepted (over a real socket pair if asked)."""
+    left_stream: trio.abc.Stream
+    right_stream: trio.abc.Stream
+    if sockets:
+        a, b = trio.socket.socketpair()
+        left_stream, right_stream = trio.SocketStream(a), trio.SocketStream(b)
+    else:
+        left_stream, right_stream = trio.testing.memory_stream_pair()
     left_peer, right_peer = me(), me(Role.STORAGE)
     out: list[PeerLink] = []
 
@@ -102,7 +110,12 @@ async def link_pair(
     async with trio.open_nursery() as nursery:
         nursery.start_soon(answer)
         left = await connect(
-            left_stream, left_peer, manifest.template_id, left_have, options=options
+            left_stream,
+            left_peer,
+            manifest.template_id,
+            left_have,
+            max_chunk_size=manifest.chunk_size,
+            options=options,
         )
     return left, out[0]
 
@@ -243,4 +256,78 @@ async def test_garbage_from_the_peer_ends_the_link_with_a_protocol_error() -> No
         await right.stream.send_all(b"\x00\x00\x00\x02\x7f\x00")  # unknown message type
         _, event = await receive.receive()
         assert isinstance(event, LinkDown) and "protocol error" in event.reason
+        nursery.cancel_scope.cancel()
+
+
+def test_buffer_pool_reuses_buffers_and_ignores_strangers_and_repeats() -> None:
+    pool = BufferPool(1024, keep=2)
+    first = pool.take(1000)
+    assert len(first) == 1024 and pool.allocated == 1
+    pool.give(memoryview(first)[:1000])  # a view of a pooled buffer returns the buffer
+    pool.give(first)  # given twice: kept once
+    assert pool.free == 1
+    assert pool.take(10) is first and pool.free == 0
+    pool.give(bytearray(512))  # the wrong size
+    pool.give(b"x" * 1024)  # not a bytearray
+    assert pool.free == 0
+    big = pool.take(4096)  # larger than the pool's buffers: a fresh one, never kept
+    assert len(big) == 4096
+    pool.give(big)
+    assert pool.free == 0
+    for buf in [pool.take(1), pool.take(1), pool.take(1)]:
+        pool.give(buf)
+    assert pool.free == 2  # never more than `keep`
+
+
+class ReusableTemplate(MemoryTemplate):
+    """A MemoryTemplate that can also read into a caller's buffer (like the real stores)."""
+
+    def read_chunk_into(self, index: int, buf: bytearray) -> memoryview:
+        data = self.read_chunk(index)
+        view = memoryview(buf)[: len(data)]
+        view[:] = data
+        return view
+
+
+BIG = 1 << 20  # far more than one receive: the payload lands in its buffer in many slices
+
+
+async def test_chunks_travel_through_pooled_buffers_on_both_sides() -> None:
+    rng = random.Random(7)
+    data = rng.randbytes(4 * BIG)
+    manifest = build_manifest(data, "big", "1", chunk_size=BIG)
+    server_data = ReusableTemplate(data, manifest, {0, 1, 2, 3})
+    left, right = await link_pair(manifest, Bitfield(4), server_data.have(), sockets=True)
+    receiving = BufferPool(BIG, keep=4)
+    sending = BufferPool(BIG, keep=4)
+    handed: list[bytearray] = []
+
+    def take(size: int) -> bytearray:
+        handed.append(receiving.take(size))
+        return handed[-1]
+
+    left.conn.set_allocator(take)
+    send, receive = trio.open_memory_channel[tuple[PeerLink, object]](16)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(left.run, send)
+        server = ChunkServer(right, server_data, trio.Semaphore(2), buffers=sending)
+        nursery.start_soon(right.run, None, server)
+        await receive.receive()  # LinkUp
+        got: dict[int, bytes] = {}
+        for round_ in range(3):
+            for index in range(4):
+                left.post(Request(index))
+            while len(got) < 4 * (round_ + 1):
+                _, event = await receive.receive()
+                assert isinstance(event, Chunk)
+                assert isinstance(event.data, memoryview)
+                # Received in place into a pooled buffer, not copied out of the reader.
+                assert any(event.data.obj is buf for buf in handed)
+                got[4 * round_ + event.index] = bytes(event.data)
+                receiving.give(event.data)  # what the writer does once the chunk is stored
+        assert all(got[i] == data[(i % 4) * BIG : (i % 4 + 1) * BIG] for i in range(12))
+        # Twelve chunks each way, but only a handful of buffers ever allocated.
+        assert receiving.allocated <= 2
+        assert sending.allocated <= 3
+        assert server.served_chunks == 12
         nursery.cancel_scope.cancel()

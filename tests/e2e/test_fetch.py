@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
 import pytest
-from vmswarm.cli.main import app
-from vmswarm.daemon.cluster import LocalCluster
+from vmswarm.daemon.cluster import LocalCluster, vmswarm_script
 from vmswarm.daemon.mixed_image import write_mixed_image
 
 pytestmark = pytest.mark.e2e
@@ -19,32 +17,10 @@ pytestmark = pytest.mark.e2e
 IMAGE_SIZE = 24 << 20
 CHUNK_SIZE = "1MiB"
 
-# Until cli/main.py registers every command module, run the CLI through a tiny launcher.
-_LAUNCHER = """
-from vmswarm.cli.main import app
-from vmswarm.cli import daemon_commands, publish_command
-if "daemon" not in {g.name for g in app.registered_groups}:
-    daemon_commands.register(app)
-if "publish" not in {c.name for c in app.registered_commands}:
-    publish_command.register(app)
-app()
-"""
-
-
-def _wired() -> bool:
-    groups = {g.name for g in app.registered_groups}
-    commands = {c.name for c in app.registered_commands}
-    return "daemon" in groups and {"fetch", "status", "publish"} <= commands
-
-
-def _command() -> list[str] | None:
-    return None if _wired() else [sys.executable, "-c", _LAUNCHER]
-
 
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    command = _command()
-    with LocalCluster(tmp_path / "cluster", command=command, cli_command=command) as c:
+    with LocalCluster(tmp_path / "cluster") as c:
         c.start_tracker()
         yield c
 
@@ -84,10 +60,9 @@ def test_hosts_fetch_at_once_and_get_identical_images(
     image = _image(tmp_path)
     _publish(cluster, image)
 
-    command = _command() or [str(Path(sys.executable).with_name("vmswarm"))]
     fetches = [
         subprocess.Popen(
-            [*command, "fetch", "disk:1", "--json"],
+            [str(vmswarm_script()), "fetch", "disk:1", "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -146,10 +121,9 @@ def test_fetch_failures_are_one_clear_line(cluster: LocalCluster, tmp_path: Path
 def test_second_daemon_on_the_same_control_socket_is_refused(cluster: LocalCluster) -> None:
     host = cluster.start_host("h1")
     assert host.control is not None
-    command = _command() or [str(Path(sys.executable).with_name("vmswarm"))]
     second = subprocess.run(
         [
-            *command,
+            str(vmswarm_script()),
             "daemon",
             "run",
             "--role",

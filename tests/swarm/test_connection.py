@@ -422,3 +422,52 @@ def test_any_failure_while_parsing_peer_bytes_becomes_a_remote_error() -> None:
         receiver.next_event()
     assert isinstance(caught.value.__cause__, KeyError)
     assert receiver.their_state is State.ERROR
+
+
+@settings(max_examples=100)
+@given(sessions, st.lists(st.integers(0, 1 << 14), max_size=25))
+def test_receiving_payloads_in_place_gives_the_same_events(
+    session: tuple[bool, list[Message], Goodbye | None], cuts: list[int]
+) -> None:
+    msgs = session_messages(session)
+    blob = b"".join(wire(m) for m in msgs)
+    conn = Connection(Role.STORAGE)
+    events: list[Event] = []
+    for piece in split(blob, cuts):
+        view = memoryview(piece)
+        while view:
+            target = conn.payload_buffer()
+            if target is None:
+                conn.receive_data(view, now=2.0)
+                view = view[len(view) :]
+            else:
+                count = min(len(target), len(view))
+                target[:count] = view[:count]
+                conn.payload_received(count, now=2.0)
+                view = view[count:]
+            events.extend(drain(conn))
+    assert events == msgs
+    assert conn.payload_buffer() is None
+
+
+def test_payload_received_moves_the_idle_clock_and_eof_ends_in_place_receiving() -> None:
+    conn = Connection(Role.STORAGE, chunk_count=COUNT)
+    blob = wire(hello()) + wire(Chunk(3, b"z" * 500))
+    conn.receive_data(blob[:100], now=1.0)
+    assert drain(conn) == [hello()]
+    target = conn.payload_buffer()
+    assert target is not None
+    rest = blob[100:]
+    target[: len(rest)] = rest
+    conn.payload_received(len(rest), now=7.5)
+    assert conn.idle_for(8.0) == 0.5
+    assert drain(conn) == [Chunk(3, b"z" * 500)]
+    conn.receive_data(wire(Chunk(4, b"y" * 500))[:20], now=9.0)
+    assert drain(conn) == []
+    assert conn.payload_buffer() is not None
+    conn.receive_data(b"", now=9.0)
+    assert conn.payload_buffer() is None
+    with pytest.raises(LocalProtocolError):
+        conn.payload_received(1, now=9.0)
+    with pytest.raises(RemoteProtocolError, match="mid-frame"):
+        conn.next_event()

@@ -304,3 +304,88 @@ def test_registry_refuses_taken_reserved_and_invalid_codes() -> None:
         PEER_CODEC.extended({0x20: Have})
     with pytest.raises(LocalProtocolError, match="byte"):
         PEER_CODEC.extended({256: Announce})
+
+
+def receive_like_a_socket(reader: FrameReader, pieces: list[bytes]) -> list[Message]:
+    """Deliver each piece as a daemon would: into the payload buffer while one is open."""
+    got: list[Message] = []
+    for piece in pieces:
+        view = memoryview(piece)
+        while view:
+            target = reader.payload_buffer()
+            if target is None:
+                reader.feed(view)
+                view = view[len(view) :]
+            else:
+                count = min(len(target), len(view))
+                target[:count] = view[:count]
+                reader.payload_received(count)
+                view = view[count:]
+            got.extend(read_all(reader))
+    return got
+
+
+@settings(max_examples=150)
+@given(st.lists(messages, max_size=12), st.lists(st.integers(0, 1 << 16), max_size=30))
+def test_receiving_into_the_payload_buffer_gives_the_same_messages(
+    msgs: list[Message], cuts: list[int]
+) -> None:
+    blob = b"".join(encode(m) for m in msgs)
+    reader = FrameReader(PEER_CODEC)
+    assert receive_like_a_socket(reader, split(blob, cuts)) == msgs
+    assert not reader.mid_frame and reader.buffered == 0
+    assert reader.payload_buffer() is None
+
+
+def test_payload_buffer_is_the_unfilled_tail_of_the_pooled_buffer() -> None:
+    storage = bytearray(8192)
+    reader = FrameReader(PEER_CODEC, allocate=lambda size: storage)
+    payload = bytes(range(256)) * 16
+    blob = encode(Chunk(5, payload)) + encode(Have(5))
+    assert reader.payload_buffer() is None
+    reader.feed(blob[: CHUNK_HEADER.size + 100])
+    assert reader.next_message() is None
+    target = reader.payload_buffer()
+    assert target is not None and not target.readonly
+    assert len(target) == len(payload) - 100
+    rest = blob[CHUNK_HEADER.size + 100 : CHUNK_HEADER.size + len(payload)]
+    target[: len(rest)] = rest
+    reader.payload_received(len(rest))
+    assert reader.payload_buffer() is None
+    chunk = reader.next_message()
+    assert chunk == Chunk(5, payload)
+    assert isinstance(chunk, Chunk) and isinstance(chunk.data, memoryview)
+    assert chunk.data.obj is storage  # received in place: never copied through the reader
+    reader.feed(blob[CHUNK_HEADER.size + len(payload) :])
+    assert reader.next_message() == Have(5)
+
+
+def test_payload_received_refuses_more_than_was_offered() -> None:
+    reader = FrameReader(PEER_CODEC)
+    with pytest.raises(LocalProtocolError, match="no chunk payload"):
+        reader.payload_received(1)
+    blob = encode(Chunk(1, b"x" * 1000))
+    reader.feed(blob[:50])
+    assert reader.next_message() is None
+    target = reader.payload_buffer()
+    assert target is not None
+    with pytest.raises(LocalProtocolError, match="to go"):
+        reader.payload_received(len(target) + 1)
+
+
+def test_allocator_can_be_replaced_between_chunks() -> None:
+    first, second = bytearray(4096), bytearray(4096)
+    reader = FrameReader(PEER_CODEC, allocate=lambda size: first)
+    blob = encode(Chunk(1, b"a" * 2000))
+    reader.feed(blob[:100])
+    assert reader.next_message() is None  # the header is parsed: the payload has its buffer
+    reader.set_allocator(lambda size: second)
+    reader.feed(blob[100:])
+    one = reader.next_message()
+    reader.feed(blob[:100])
+    assert reader.next_message() is None
+    reader.feed(blob[100:])
+    two = reader.next_message()
+    assert isinstance(one, Chunk) and isinstance(one.data, memoryview)
+    assert isinstance(two, Chunk) and isinstance(two.data, memoryview)
+    assert one.data.obj is first and two.data.obj is second

@@ -1,0 +1,1 @@
+"""The paper's experiment on an emulated cluster: `python -m bench.cluster` (as root)."""

@@ -1,0 +1,89 @@
+"""`vmswarm launch NAME[:VER] --flavor F`: the tracker places the VM, the chosen host boots it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ..daemon.tracker_client import DEFAULT_LAUNCH_TIMEOUT, LaunchResult, TrackerClient
+from ..swarm.address import format_address, parse_address
+from .output import fail, print_json
+from .tracker_commands import JsonOption, TrackerOption, _ask_tracker, parse_template_ref
+
+
+def launch_json(result: LaunchResult) -> dict[str, Any]:
+    return {
+        "vm_id": result.vm_id,
+        "host": result.host,
+        "template_id": result.template_id.hex(),
+        "seconds_fetch": result.seconds_fetch,
+        "seconds_boot": result.seconds_boot,
+        "domain": result.domain,
+        "host_peer_id": result.host_peer_id.hex(),
+        "placement": result.placement,
+        "serial_log": result.serial_log,
+        "domain_type": result.domain_type,
+    }
+
+
+def _check_host(text: str) -> None:
+    """--host is HOST:PORT or a peer id (prefix); catch a malformed address before the call."""
+    if ":" not in text:
+        return
+    try:
+        host, port = parse_address(text)
+    except ValueError as exc:
+        fail(f"--host: {exc}")
+    if port == 0:
+        fail(f"--host: {format_address(host, port)} needs a non-zero port")
+
+
+def launch(
+    template: Annotated[str, typer.Argument(help="NAME or NAME:VERSION (default: newest).")],
+    flavor: Annotated[str, typer.Option("--flavor", help="Flavor name (vmswarm flavors).")],
+    tracker_address: TrackerOption = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host", help="Run it on this host daemon: HOST:PORT or its peer id (prefix)."
+        ),
+    ] = None,
+    vm_name: Annotated[
+        str | None, typer.Option("--name", help="The VM's name (default: template name + id).")
+    ] = None,
+    wait: Annotated[
+        float,
+        typer.Option("--timeout", min=1.0, help="Seconds to wait for the VM to be running."),
+    ] = DEFAULT_LAUNCH_TIMEOUT,
+    json_output: JsonOption = False,
+) -> None:
+    """Launch a VM: the tracker picks a host with room (preferring one that holds the template),
+    which fetches the template through the swarm and boots it."""
+    try:
+        name, version = parse_template_ref(template)
+    except ValueError as exc:
+        fail(str(exc))
+    if host is not None:
+        _check_host(host)
+
+    async def query(client: TrackerClient) -> LaunchResult:
+        return await client.launch(
+            name, version, flavor, host=host, vm_name=vm_name, time_limit=wait
+        )
+
+    result = _ask_tracker(tracker_address, query)
+    if json_output:
+        print_json(launch_json(result))
+        return
+    typer.echo(
+        f"launched {result.domain} (vm {result.vm_id}) on {result.host} [{result.placement}]: "
+        f"fetch {result.seconds_fetch:.2f}s, boot {result.seconds_boot:.2f}s"
+    )
+    if result.serial_log:
+        typer.echo(f"serial console: {result.serial_log}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `launch` to the vmswarm app."""
+    app.command("launch")(launch)
