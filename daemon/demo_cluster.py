@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -93,9 +94,8 @@ def vm_launch_problem(uri: str = LIBVIRT_URI) -> str | None:
         return f"the boot disk tools are missing ({', '.join(missing)})"
     if shutil.which("qemu-system-x86_64") is None:
         return "qemu-system-x86 is not installed"
-    try:
-        import libvirt  # noqa: F401
-    except ImportError:
+    # Only daemon/libvirt_launcher.py imports libvirt; here it is enough to know it is installed.
+    if importlib.util.find_spec("libvirt") is None:
         return "the libvirt Python binding (libvirt-python) is not installed"
     virsh = shutil.which("virsh")
     if virsh is None:

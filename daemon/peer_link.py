@@ -234,9 +234,20 @@ class PeerLink:
             if self._closing:
                 return False
             parts = self.conn.send_parts(Chunk(index, data), now=_now())
-            for part in parts:
-                await self.stream.send_all(part)
-                self.bytes_out += len(part)
+            if self._socket is not None:
+                # Header and payload in one syscall: no lone 9-byte segment wakes the peer.
+                sent = await self._socket.sendmsg(parts)
+                self.bytes_out += sent
+                for part in parts:
+                    with memoryview(part) as view:
+                        if sent < len(view):
+                            await self.stream.send_all(view[sent:])
+                            self.bytes_out += len(view) - sent
+                        sent = max(sent - len(view), 0)
+            else:
+                for part in parts:
+                    await self.stream.send_all(part)
+                    self.bytes_out += len(part)
         self.chunks_out += 1
         return True
 

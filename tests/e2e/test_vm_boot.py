@@ -106,7 +106,8 @@ def test_launch_boots_the_published_template_and_delete_cleans_up(
     real_vms: None, workdir: Path, domains: list[str]
 ) -> None:
     marker = f"VMSWARM-E2E-{uuid.uuid4().hex[:12]}"
-    disk = build_boot_disk(workdir / "tiny.raw", marker=marker)
+    # The guest stays up after its marker, so monitoring sees it running and delete stops it.
+    disk = build_boot_disk(workdir / "tiny.raw", marker=marker, power_off=False)
     vmswarm = str(Path(sys.executable).with_name("vmswarm"))
     manifest = subprocess.run(
         [vmswarm, "manifest", str(disk.path), "--json"], capture_output=True, check=True, text=True
@@ -146,8 +147,14 @@ def test_launch_boots_the_published_template_and_delete_cleans_up(
 
         # The tracker sees the VM; the host that now holds the template gets the next launch.
         everywhere = cluster_vms(cluster)
-        listed = {(vm.host, vm.vm_id) for vm in everywhere.vms}
-        assert (host.listen_address, launched["vm_id"]) in listed, everywhere.unreachable
+        failures = "; ".join(f"{f.host}: {f.error}" for f in everywhere.unreachable)
+        seen = next((vm for vm in everywhere.vms if vm.vm_id == launched["vm_id"]), None)
+        assert seen is not None, f"the tracker does not list the VM; {failures}"
+        assert (seen.host, seen.state, seen.domain) == (
+            host.listen_address,
+            "running",
+            launched["domain"],
+        )
         wait_until_complete(cluster, "tiny:1", host)
         second = json.loads(
             cluster.run_cli("launch", "tiny:1", "--flavor", "tiny", "--json", timeout=600).stdout
