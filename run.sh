@@ -12,6 +12,8 @@ APT_PACKAGES=(
     libvirt-dev pkg-config libvirt-daemon-system libvirt-daemon-driver-qemu libvirt-clients qemu-system-x86
     # The tiny bootable test disk (daemon/bootdisk.py): partition, FAT16, syslinux, initramfs.
     syslinux syslinux-common mtools dosfstools fdisk cpio
+    # The cluster benchmark's baselines: aria2 downloads from lighttpd mirrors (byte ranges).
+    aria2 lighttpd
 )
 LIBVIRT_URI="qemu:///system"
 
