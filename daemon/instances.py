@@ -24,6 +24,7 @@ from typing import Any
 
 from ..swarm.flavors import Flavor, flavor_from_wire
 from ..swarm.imageformat import ImageFormat
+from .coded_error import CodedError
 from .journal import atomic_write
 from .storeerrors import StoreError
 
@@ -38,16 +39,8 @@ _RECORDS_VERSION = 1
 QEMU_IMG_TIMEOUT = 60.0
 
 
-class InstanceError(Exception):
+class InstanceError(CodedError):
     """An instance operation failed; `code` is an RPC error code, the message says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import trio
 from ..swarm.errors import LocalProtocolError, RemoteProtocolError
 from ..swarm.messages import Goodbye, KeepAlive
 from ..swarm.rpc import Call, Fail, Notice, Reply, RpcConnection, RpcEvent, RpcSide
+from .coded_error import CodedError
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +28,8 @@ LINK_ERRORS: tuple[type[Exception], ...] = (
 NoticeCallback = Callable[[str, dict[str, Any]], None]
 
 
-class RpcError(Exception):
+class RpcError(CodedError):
     """A call failed; `code` is machine-readable, the message is for the operator."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class Notifier:

@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from ..swarm.domain_xml import DomainType
+from .coded_error import CodedError
 
 
 class VmState(StrEnum):
@@ -37,16 +38,8 @@ class VmState(StrEnum):
         )
 
 
-class LauncherError(Exception):
+class LauncherError(CodedError):
     """A hypervisor operation failed; `code` is an RPC error code, the message says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 @dataclass(frozen=True)
