@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import blake3
@@ -26,32 +24,6 @@ from vmswarm.swarm.manifest import build_manifest
 def _chunk(seed: int, size: int = 1000) -> tuple[bytes, bytes]:
     data = bytes((seed * 7 + i) % 251 for i in range(size))
     return blake3.blake3(data).digest(), data
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """Mount a size-limited tmpfs, so ENOSPC is real; skip where mounting is not permitted."""
-    mounts: list[Path] = []
-
-    def mount(size: str) -> Path:
-        target = tmp_path / f"tmpfs{len(mounts)}"
-        target.mkdir()
-        if shutil.which("mount") is None:
-            pytest.skip("no mount command, so no small tmpfs for a real ENOSPC")
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
-        mounts.append(target)
-        return target
-
-    yield mount
-    for target in reversed(mounts):
-        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def test_put_get_roundtrip_and_listing(tmp_path: Path) -> None:

@@ -6,10 +6,9 @@ import errno
 import os
 import random
 import shutil
-import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -59,32 +58,6 @@ def _scribble(path: Path, offset: int, data: bytes) -> None:
         os.pwrite(fd, data, offset)
     finally:
         os.close(fd)
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path: Path) -> Iterator[Callable[[str], Path]]:
-    """Mount a size-limited tmpfs, so ENOSPC is real; skip where mounting is not permitted."""
-    mounts: list[Path] = []
-
-    def mount(size: str) -> Path:
-        target = tmp_path / f"tmpfs{len(mounts)}"
-        target.mkdir()
-        if shutil.which("mount") is None:
-            pytest.skip("no mount command, so no small tmpfs for a real ENOSPC")
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"mounting a tmpfs is not permitted here: {result.stderr.strip()}")
-        mounts.append(target)
-        return target
-
-    yield mount
-    for target in reversed(mounts):
-        subprocess.run(["umount", "-l", str(target)], check=False)
 
 
 def _assert_zero_chunks_are_holes(store: ImageStore) -> None:
