@@ -1,11 +1,16 @@
 """One storage center feeds one host a template over loopback; libtorrent does it side by side.
 
-Run: python -m bench.loopback [--size 1GiB] [--zero-fraction 0.0] [--skip-libtorrent]
-vmswarm: real tracker, center and host processes; timed is the host's fetch (every chunk
-verified and written, then the whole image verified), as the fetch reply reports it.
+Run: python -m bench.loopback [--size 1GiB] [--zero-fraction 0.0] [--repeat 3] [--workdir DIR]
+     [--skip-libtorrent]
+vmswarm: real tracker, center and host processes. Two times per fetch, from the fetch reply:
+`chunks` until the last chunk was verified (blake3, against the manifest) and written, and
+`ready` when, after that, the whole image also hashed to its digest (what a boot waits for).
+libtorrent's one time (every piece hash-checked and written) goes in both columns.
 MB/s counts the whole image (MB = 10^6 bytes); all-zero chunks never cross the wire, so a
 mixed image also gets a wire-rate column. Peak RSS is each daemon's VmHWM; CPU seconds are each
 daemon's user + system time during the fetch (a steadier figure than MB/s on a shared machine).
+Both tools work on the same filesystem: by default a fresh directory on /dev/shm (tmpfs), so
+the figures are of the transfer path, not of this machine's disk; `--workdir` picks another.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -24,14 +30,17 @@ from vmswarm.daemon.mixed_image import write_mixed_image
 from vmswarm.swarm.manifest import DEFAULT_CHUNK_SIZE
 
 from bench.libtorrent_baseline import parse_size, run_libtorrent_transfer
-from bench.report import emit
+from bench.report import emit, table
 
 COLUMNS = [
     "tool",
     "size",
     "zero_fraction",
-    "seconds",
-    "MB/s",
+    "run",
+    "chunks_s",
+    "chunks_MB/s",
+    "ready_s",
+    "ready_MB/s",
     "wire_MB/s",
     "source_peak_rss_MiB",
     "receiver_peak_rss_MiB",
@@ -82,14 +91,19 @@ def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict
         identical = file_digest(Path(fetched["path"])) == file_digest(image)
         wire = int(fetched["bytes_from_centers"]) + int(fetched["bytes_from_peers"])
         seconds = float(fetched["seconds"])
+        chunks_seconds = float(fetched["chunks_seconds"])
+        if seconds <= 0 or chunks_seconds <= 0:
+            raise RuntimeError(f"the host had the template already: {fetched}")
         return {
             "tool": "vmswarm",
             "size": int(fetched["size"]),
             "chunk_size": chunk_size,
             "seconds": seconds,
             "mb_per_s": fetched["size"] / seconds / 1e6,
+            "chunks_seconds": chunks_seconds,
+            "chunks_mb_per_s": fetched["size"] / chunks_seconds / 1e6,
             "wire_bytes": wire,
-            "wire_mb_per_s": wire / seconds / 1e6,
+            "wire_mb_per_s": wire / chunks_seconds / 1e6,
             "zero_chunks": manifest["zero_chunks"],
             "source_peak_rss_bytes": center.process.peak_rss_bytes(),
             "receiver_peak_rss_bytes": host.process.peak_rss_bytes(),
@@ -99,7 +113,7 @@ def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict
         }
 
 
-def _row(figures: dict[str, Any], zero_fraction: float) -> dict[str, Any]:
+def _row(figures: dict[str, Any], zero_fraction: float, run: int) -> dict[str, Any]:
     tool = figures["tool"] if figures["tool"] == "vmswarm" else f"libtorrent {figures['version']}"
     wire = figures.get("wire_mb_per_s", figures.get("payload_bytes", 0) / figures["seconds"] / 1e6)
     source = figures.get("source_peak_rss_bytes", figures.get("seeder_peak_rss_bytes", 0))
@@ -108,8 +122,11 @@ def _row(figures: dict[str, Any], zero_fraction: float) -> dict[str, Any]:
         "tool": tool,
         "size": figures["size"],
         "zero_fraction": zero_fraction,
-        "seconds": figures["seconds"],
-        "MB/s": figures["mb_per_s"],
+        "run": run,
+        "chunks_s": figures.get("chunks_seconds", figures["seconds"]),
+        "chunks_MB/s": figures.get("chunks_mb_per_s", figures["mb_per_s"]),
+        "ready_s": figures["seconds"],
+        "ready_MB/s": figures["mb_per_s"],
         "wire_MB/s": wire,
         "source_peak_rss_MiB": source / (1 << 20),
         "receiver_peak_rss_MiB": receiver / (1 << 20),
@@ -120,25 +137,83 @@ def _row(figures: dict[str, Any], zero_fraction: float) -> dict[str, Any]:
 
 
 def run(
-    size: int, zero_fractions: list[float], chunk_size: int, *, libtorrent: bool, workdir: Path
+    size: int,
+    zero_fractions: list[float],
+    chunk_size: int,
+    *,
+    libtorrent: bool,
+    workdir: Path,
+    repeat: int = 1,
 ) -> list[dict[str, Any]]:
+    """Every run of every tool, one row each; each run in a fresh directory under `workdir`."""
     rows: list[dict[str, Any]] = []
     for zero_fraction in zero_fractions:
         image = workdir / f"image-{zero_fraction}.raw"
         write_mixed_image(image, size, zero_fraction=zero_fraction, seed=3)
-        figures = run_vmswarm_transfer(
-            image, workdir / f"vmswarm-{zero_fraction}", chunk_size=chunk_size
-        )
-        rows.append({**_row(figures, zero_fraction), "figures": figures})
-        if libtorrent:
-            lt_dir = workdir / f"lt-{zero_fraction}"
-            (lt_dir / "seeder").mkdir(parents=True)
-            lt_image = lt_dir / "seeder" / image.name
-            shutil.copyfile(image, lt_image)
-            lt = run_libtorrent_transfer(lt_image, lt_dir, piece_size=chunk_size)
-            rows.append({**_row(lt, zero_fraction), "figures": lt})
-        image.unlink()
+        try:
+            for number in range(1, repeat + 1):
+                run_dir = Path(tempfile.mkdtemp(prefix=f"vmswarm-{zero_fraction}-", dir=workdir))
+                try:
+                    figures = run_vmswarm_transfer(image, run_dir, chunk_size=chunk_size)
+                finally:
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                rows.append({**_row(figures, zero_fraction, number), "figures": figures})
+                if libtorrent:
+                    rows.append(_libtorrent_row(image, workdir, chunk_size, zero_fraction, number))
+        finally:
+            image.unlink()
     return rows
+
+
+def _libtorrent_row(
+    image: Path, workdir: Path, chunk_size: int, zero_fraction: float, number: int
+) -> dict[str, Any]:
+    lt_dir = Path(tempfile.mkdtemp(prefix=f"lt-{zero_fraction}-", dir=workdir))
+    try:
+        (lt_dir / "seeder").mkdir()
+        lt_image = lt_dir / "seeder" / image.name
+        shutil.copyfile(image, lt_image)
+        lt = run_libtorrent_transfer(lt_image, lt_dir, piece_size=chunk_size)
+    finally:
+        shutil.rmtree(lt_dir, ignore_errors=True)
+    return {**_row(lt, zero_fraction, number), "figures": lt}
+
+
+def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per tool and zero fraction, the median of each figure over the runs."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["tool"], row["zero_fraction"]), []).append(row)
+    summary = []
+    for (tool, zero_fraction), group in groups.items():
+        median: dict[str, Any] = {"tool": tool, "zero_fraction": zero_fraction, "runs": len(group)}
+        for column in COLUMNS:
+            values = [r[column] for r in group if isinstance(r.get(column), int | float)]
+            if column not in ("run", "size", "zero_fraction", "identical") and values:
+                median[column] = statistics.median(values)
+        median["identical"] = all(r["identical"] for r in group)
+        summary.append(median)
+    return summary
+
+
+def default_workdir() -> Path:
+    """A fresh directory on tmpfs (/dev/shm) when there is one, else in the temp dir."""
+    shm = Path("/dev/shm")
+    parent = shm if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return Path(tempfile.mkdtemp(prefix="vmswarm-bench-loopback-", dir=parent))
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem `path` is on, from /proc/mounts (longest matching mount)."""
+    best, kind = "", "unknown"
+    resolved = str(path.resolve())
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) < 3 or len(fields[1]) <= len(best):
+            continue
+        if resolved == fields[1] or resolved.startswith(fields[1].rstrip("/") + "/"):
+            best, kind = fields[1], fields[2]
+    return kind
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -151,11 +226,20 @@ def main(argv: list[str] | None = None) -> None:
         action="append",
         help="share of the image that is zero regions (repeatable; default 0.0 and 0.5)",
     )
+    parser.add_argument("--repeat", type=int, default=3, help="runs per tool (default 3)")
     parser.add_argument("--skip-libtorrent", action="store_true")
-    parser.add_argument("--workdir", type=Path, default=None, help="kept if given")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where both tools keep their files (default: tmpfs)",
+    )
     args = parser.parse_args(argv)
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="vmswarm-bench-loopback-"))
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    workdir = args.workdir or default_workdir()
     workdir.mkdir(parents=True, exist_ok=True)
+    filesystem = filesystem_of(workdir)
     try:
         rows = run(
             args.size,
@@ -163,11 +247,22 @@ def main(argv: list[str] | None = None) -> None:
             args.chunk_size,
             libtorrent=not args.skip_libtorrent,
             workdir=workdir,
+            repeat=args.repeat,
         )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    emit("loopback_one_center_one_host", rows, COLUMNS)
+    summary = medians(rows)
+    emit(
+        "loopback_one_center_one_host",
+        rows,
+        COLUMNS,
+        extra={"filesystem": filesystem, "medians": summary},
+    )
+    print("\n## medians\n")
+    print(
+        table(summary, [c for c in ["tool", "zero_fraction", "runs", *COLUMNS[4:]] if c != "run"])
+    )
 
 
 if __name__ == "__main__":

@@ -240,6 +240,7 @@ def fetch(
             "path",
             "size",
             "seconds",
+            "chunks_seconds",
             "bytes_from_centers",
             "bytes_from_peers",
             "sources",

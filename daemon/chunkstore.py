@@ -1,7 +1,10 @@
 """A storage center's content-addressed chunk store: one file per blake3 digest at `<dir>/ab/<hex>`.
 
-Every chunk is verified before it is stored and again before it is served. Files appear only
-by atomic rename, so a crash leaves either the whole chunk or a stale temp file (removed on open).
+Every chunk is verified before it is stored and again before it is served: by a read that
+hashes it, or by a memo of the files this process has verified (put or read) whose identity
+(device, inode, size, mtime) is unchanged, so a hot chunk is hashed once, then sent with sendfile.
+Files appear only by atomic rename, so a crash leaves either the whole chunk or a stale temp file
+(removed on open); `scrub` re-hashes everything and forgets what fails.
 Manifests are kept too, under `<dir>/manifests/`, so a center can serve a template after a restart.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,11 +45,18 @@ def _is_hex_name(name: str, length: int) -> bool:
     return len(name) == length and set(name) <= _HEX
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 class ChunkStore:
     """Chunks by blake3 digest, on disk, verified on the way in and on the way out."""
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
+        # digest -> identity of the file this process last verified for it (see module doc).
+        self._verified: dict[bytes, tuple[int, int, int, int]] = {}
+        self._memo_lock = threading.Lock()
         self.directory.mkdir(parents=True, exist_ok=True)
         (self.directory / _MANIFEST_DIR).mkdir(exist_ok=True)
         self.stale_removed = self._remove_stale_temps()
@@ -101,6 +112,7 @@ class ChunkStore:
                 os.close(fd)
             os.replace(tmp, path)
             fsync_dir(sub)
+            self._remember(digest, os.stat(path))
         except OSError as exc:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
@@ -133,14 +145,47 @@ class ChunkStore:
             if size > len(view):
                 raise ValueError(f"buffer of {len(view)} bytes too small for {size}-byte chunk")
             got = pread_into(fd, view[:size], 0)
+            if got != size or blake3.blake3(view[:got]).digest() != digest:
+                self._drop(path)
+                raise ChunkCorrupt(
+                    f"chunk {digest.hex()} in {self.directory} is corrupt; deleted it"
+                )
+            self._remember(digest, os.fstat(fd))
         finally:
             os.close(fd)
-        if got != size or blake3.blake3(view[:got]).digest() != digest:
-            self._drop(path)
-            raise ChunkCorrupt(f"chunk {digest.hex()} in {self.directory} is corrupt; deleted it")
         return got
 
+    def _remember(self, digest: bytes, st: os.stat_result) -> None:
+        with self._memo_lock:
+            self._verified[digest] = _identity(st)
+
+    def _forget(self, digest: bytes) -> None:
+        with self._memo_lock:
+            self._verified.pop(digest, None)
+
+    def open_verified(self, digest: bytes) -> tuple[int, int] | None:
+        """An open fd and the size of a chunk this process verified and nobody replaced since.
+
+        None when it must be read and hashed first (`get_into`). The caller closes the fd.
+        """
+        with self._memo_lock:
+            known = self._verified.get(digest)
+        if known is None:
+            return None
+        try:
+            fd = os.open(self.path_for(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._forget(digest)
+            return None
+        st = os.fstat(fd)
+        if _identity(st) != known:
+            os.close(fd)
+            self._forget(digest)
+            return None
+        return fd, st.st_size
+
     def _drop(self, path: Path) -> None:
+        self._forget(bytes.fromhex(path.name))
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         fsync_dir(path.parent)

@@ -40,6 +40,7 @@ from .ratelimit import RateLimiter
 from .serving import MAX_QUEUED_REQUESTS, ChunkServer
 from .storeerrors import ChunkMismatch, StoreError
 from .template_sources import TemplateData
+from .transfer_events import TransferEvents, role_label
 
 log = logging.getLogger(__name__)
 
@@ -260,8 +261,15 @@ class TemplateDownload:
         budget: ConnectionBudget | None = None,
         config: DownloadConfig | None = None,
         rng: random.Random | None = None,
+        events: TransferEvents | None = None,
     ) -> None:
         self.data = data
+        self.events = events or TransferEvents()
+        self._label = f"{data.manifest.name}:{data.manifest.version}"
+        # When each missing chunk was first requested: the fetch-latency histogram's start.
+        self._requested_at: dict[int, float] = {}
+        # Set when the first chunk is requested; `template_complete` reports from here.
+        self._fetch_began: float | None = None
         self.manifest = data.manifest
         self.template_id = data.manifest.template_id
         self.local = local
@@ -301,6 +309,8 @@ class TemplateDownload:
         self._lost: set[int] = set()
         self._verifying_image = False
         self.verified = False
+        # trio times: every wanted chunk verified and written; then the whole image verified.
+        self.chunks_done_at: float | None = None
         self.error: str | None = None
         self.bytes_from_centers = 0
         self.bytes_from_peers = 0
@@ -322,6 +332,11 @@ class TemplateDownload:
         self._total_bytes, self._done_bytes = self._count_bytes()
 
     # -- public API ------------------------------------------------------------------------------
+
+    @property
+    def missing_chunks(self) -> int:
+        """Wanted non-zero chunks not here yet (a center wants only its share)."""
+        return self._picker.missing_count
 
     @property
     def satisfied(self) -> bool:
@@ -436,6 +451,7 @@ class TemplateDownload:
             on_lost=self._lost.add,
             rate_limit=self._upload_limit,
             buffers=self._buffers,
+            on_sent=lambda size: self.events.chunk_sent(self._label, role_label(link.role), size),
         )
         self._all_links.add(link)
         link.conn.set_allocator(self._buffers.take)
@@ -649,6 +665,7 @@ class TemplateDownload:
         if peer is not None:
             peer.verifying -= 1
         if written.corrupt:
+            self.events.chunk_failed(self._label, role_label(link.role))
             self._ban(link, index)
             if spare is not None and spare.link.peer_id not in self.banned:
                 self._writing.add(index)
@@ -663,6 +680,9 @@ class TemplateDownload:
             return
         refill = {pid}
         if written.newly:
+            began = self._requested_at.pop(index, None)
+            latency = None if began is None else trio.current_time() - began
+            self.events.chunk_verified(self._label, role_label(link.role), written.size, latency)
             if link.role is Role.STORAGE:
                 self.bytes_from_centers += written.size
             else:
@@ -694,6 +714,8 @@ class TemplateDownload:
             self._on_wanted_here()
 
     def _on_wanted_here(self) -> None:
+        if self.chunks_done_at is None:
+            self.chunks_done_at = trio.current_time()
         if self._want_all:
             if not self.verified:
                 self._start_verify()
@@ -711,6 +733,8 @@ class TemplateDownload:
         if ok:
             self.verified = True
             self.error = None
+            if self._fetch_began is not None:
+                self.events.template_complete(self._label, trio.current_time() - self._fetch_began)
             log.info(
                 "template %s %s complete and verified (%d bytes from centers, %d from peers)",
                 self.manifest.name,
@@ -734,6 +758,7 @@ class TemplateDownload:
         if record is None:
             reason = f"sent a corrupt copy of chunk {index}"
             self.banned[pid] = BanRecord(pid, link.their.listen or link.address, reason)
+            self.events.peer_banned(self._label, role_label(link.role))
             log.warning("banning %r for %s: %s", link, self.manifest.name, reason)
         else:
             record.corrupt_chunks += 1
@@ -875,7 +900,10 @@ class TemplateDownload:
             depth = self.config.center_depth_when_sharing
         limit = depth + peer.verifying
         for index in self._picker.pick(pid, now, limit=limit):
+            self._requested_at.setdefault(index, now)
             peer.link.post(Request(index))
+        if self._fetch_began is None and self._requested_at:
+            self._fetch_began = now
 
     @property
     def _host_links(self) -> int:

@@ -2,7 +2,9 @@
 
 Files in the data directory, named by the template id in hex:
 `.img` (the image), `.manifest` (its manifest), `.bits` and `.journal` (the DurableBitfield).
-Chunks are verified before they are written and again before they are served.
+Chunks are verified before they are written and again before they are served: by a read that
+hashes them, or because this process verified them (written or read) since it opened the file,
+which it holds locked; those can go out with sendfile, untouched. `scrub` re-hashes everything.
 Plain blocking I/O: the trio daemon calls these methods through `trio.to_thread.run_sync`.
 """
 
@@ -130,6 +132,8 @@ class ImageStore:
         self._lock = threading.Lock()
         # Chunks being written right now, each with the event its other writers wait on.
         self._writing: dict[int, threading.Event] = {}
+        # Chunks this process has verified since it opened (and locked) the image file.
+        self._verified: set[int] = set()
         self._fd = -1
         self.directory.mkdir(parents=True, exist_ok=True)
         initialized = (self.directory / (stem + _BITS_SUFFIX)).exists()
@@ -332,6 +336,7 @@ class ImageStore:
             with self._lock:
                 # Marked only after every byte is in the page cache, which outlives a kill.
                 self._bits.add(index)
+                self._verified.add(index)
         finally:
             with self._lock:
                 del self._writing[index]
@@ -368,11 +373,25 @@ class ImageStore:
         if got != length or not self.manifest.chunk_matches(index, view[:length]):
             with self._lock:
                 self._bits.discard(index)
+                self._verified.discard(index)
             raise ChunkCorrupt(
                 f"chunk {index} of {self.manifest.name} {self.manifest.version} is corrupt on "
                 f"disk in {self.path}; unmarked it so it will be fetched again"
             )
+        with self._lock:
+            if index in self._bits:
+                self._verified.add(index)
         return length
+
+    def verified_range(self, index: int) -> tuple[int, int, int] | None:
+        """(fd, offset, length) of a present non-zero chunk this process verified, else None.
+
+        The fd is the store's own: valid until `close`, never to be closed by the caller.
+        """
+        if index not in self._verified or self.manifest.is_zero(index) or self._fd < 0:
+            return None
+        offset, length = self.manifest.chunk_range(index)
+        return self._fd, offset, length
 
     def scrub(self) -> list[int]:
         """Re-verify every present chunk; unmark the bad ones durably and return them."""

@@ -492,7 +492,13 @@ class LibvirtLauncher:
             domains = [d for d in conn.listAllDomains(0) if d.name() in wanted]
             if not domains:
                 return {}
-            records = conn.domainListGetStats(domains, 0, 0)
+            try:
+                records = conn.domainListGetStats(domains, 0, 0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in _CONNECTION_ERRORS and _dead(conn):
+                    raise
+                # One guest powering off (its monitor gone) must not hide the others.
+                records = [_one_domain_stats(conn, domain) for domain in domains]
             found: dict[str, DomainStats] = {}
             for domain, record in records:
                 with contextlib.suppress(libvirt.libvirtError):  # undefined meanwhile
@@ -500,6 +506,15 @@ class LibvirtLauncher:
             return found
 
         return self._call("getAllDomainStats", sample)
+
+
+def _one_domain_stats(conn: Any, domain: Any) -> tuple[Any, dict[str, Any]]:
+    """One domain's stats record; empty (so `domain.info()` fills it) if libvirt cannot say."""
+    try:
+        ((_, record),) = conn.domainListGetStats([domain], 0, 0)
+    except (libvirt.libvirtError, ValueError):
+        return domain, {}
+    return domain, dict(record)
 
 
 def _domain_stats(domain: Any, record: dict[str, Any]) -> DomainStats:

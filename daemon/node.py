@@ -465,6 +465,7 @@ class Node:
             "path": str(download.data.path),
             "size": manifest.size,
             "seconds": round(trio.current_time() - started, 3),
+            "chunks_seconds": round(max((download.chunks_done_at or started) - started, 0.0), 3),
             "bytes_from_centers": 0 if already_here else final.bytes_from_centers,
             "bytes_from_peers": 0 if already_here else final.bytes_from_peers,
             "sources": 0 if already_here else final.sources,

@@ -10,7 +10,10 @@ through `send_chunk`, header and payload as separate buffers. Time is trio's clo
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
+import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +45,9 @@ log = logging.getLogger(__name__)
 
 # Small on purpose: chunk payloads are received in place, this buffer only sees what lies between.
 RECEIVE_SIZE = 1 << 16
+# While a chunk payload arrives, wake only when this much (or the rest of it) is buffered: on a
+# slow link each packet would otherwise wake the loop, which costs far more than the copy.
+PAYLOAD_LOW_WATER = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0
 KEEPALIVE_INTERVAL = 30.0
 IDLE_TIMEOUT = 120.0
@@ -153,6 +159,17 @@ def _now() -> float:
     return trio.current_time()
 
 
+@dataclass(frozen=True)
+class ChunkFile:
+    """A verified chunk's bytes in a file: `length` bytes at `offset` of the open `fd`."""
+
+    fd: int
+    offset: int
+    length: int
+    # Close `fd` when sent (a per-chunk file), or leave it (a whole image's shared fd).
+    owned: bool
+
+
 class PeerLink:
     """A handshaken link to one peer for one template."""
 
@@ -188,6 +205,7 @@ class PeerLink:
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._receive_buffer = bytearray(self._receive_size if self._socket is not None else 0)
         self._receive_view = memoryview(self._receive_buffer)
+        self._low_water = 1  # the socket's SO_RCVLOWAT as we last set it
         self._keepalive_interval = options.keepalive_interval
         self._idle_timeout = options.idle_timeout
         self._send_lock = trio.Lock()
@@ -251,6 +269,50 @@ class PeerLink:
         self.chunks_out += 1
         return True
 
+    @property
+    def can_send_files(self) -> bool:
+        """Can `send_chunk_file` use sendfile here (a real socket, not a test stream)?"""
+        return self._socket is not None
+
+    async def send_chunk_file(self, index: int, source: ChunkFile) -> bool:
+        """Send one chunk straight from a file with sendfile: its bytes never enter Python.
+
+        False if the link is closing. The caller keeps `source` open until this returns.
+        """
+        sock = self._socket
+        if sock is None:
+            raise RuntimeError("send_chunk_file needs a socket stream")
+        async with self._send_lock:
+            if self._closing:
+                return False
+            header = self.conn.send_chunk_header(index, source.length, now=_now())
+            # MSG_MORE: the 9-byte header leaves in the same segment as the payload's start.
+            sent = await sock.send(header, socket.MSG_MORE)
+            if sent < len(header):
+                await self.stream.send_all(header[sent:])
+            self.bytes_out += len(header)
+            offset, left = source.offset, source.length
+            fd = sock.fileno()
+            while left:
+                try:
+                    count = os.sendfile(fd, source.fd, offset, left)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    continue
+                except OSError as exc:
+                    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                        raise trio.BrokenResourceError(str(exc)) from exc
+                    raise
+                if count == 0:
+                    raise OSError(errno.EIO, f"chunk {index}: its file ended {left} bytes early")
+                offset += count
+                left -= count
+                self.bytes_out += count
+                # sendfile never yields to trio on its own; let the other tasks in now and then.
+                await trio.lowlevel.checkpoint()
+        self.chunks_out += 1
+        return True
+
     def close(self, reason: str) -> None:
         """Say Goodbye(reason) and tear the link down; never blocks."""
         if self._closing:
@@ -308,6 +370,7 @@ class PeerLink:
             return
         target = self.conn.payload_buffer()
         if target is not None:
+            self._set_low_water(sock, min(len(target), PAYLOAD_LOW_WATER))
             # The rest of a chunk goes straight into its own buffer: no copy in user space.
             with target:
                 count = await sock.recv_into(target)
@@ -317,11 +380,21 @@ class PeerLink:
             else:
                 self.conn.receive_data(b"", now=_now())
             return
+        # Control messages are small: any byte may complete one.
+        self._set_low_water(sock, 1)
         # One reused buffer: a fresh bytes object per receive costs page faults, not just a copy.
         count = await sock.recv_into(self._receive_buffer)
         self.bytes_in += count
         with self._receive_view[:count] as view:
             self.conn.receive_data(view, now=_now())
+
+    def _set_low_water(self, sock: trio.socket.SocketType, size: int) -> None:
+        if size != self._low_water:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+            except OSError:
+                size = self._low_water  # not a TCP socket after all: wake on any byte
+            self._low_water = size
 
     async def _read_loop(
         self,

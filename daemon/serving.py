@@ -1,8 +1,10 @@
 """Answer a peer's Requests: read each chunk off the store in a worker thread, verified, then send.
 
 One `ChunkServer` per link. Its loader reads the next requested chunk while its sender writes
-the previous one, so disk, hashing and the socket overlap. A node-wide `trio.Semaphore` of upload
-slots caps the chunks being uploaded at once (and so the memory they hold).
+the previous one, so disk, hashing and the socket overlap. A chunk the store already verified
+(see `TemplateData.chunk_file`) skips the read: it goes out with sendfile, straight from the file.
+A node-wide `trio.Semaphore` of upload slots caps the chunks being uploaded at once (and so the
+memory they hold).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable
 
 import trio
@@ -19,6 +22,7 @@ from ..swarm.framing import MAX_CHUNK_SIZE
 from ..swarm.messages import Reject
 from .peer_link import (
     BufferPool,
+    ChunkFile,
     HandshakeError,
     LinkOptions,
     LocalPeer,
@@ -32,6 +36,9 @@ from .storeerrors import ChunkAbsent, ChunkCorrupt, StoreError
 from .template_sources import TemplateData
 
 log = logging.getLogger(__name__)
+
+# A chunk to send: its verified bytes in a buffer, or its verified place in a file.
+_Payload = memoryview | ChunkFile
 
 # Requests a peer may queue with us; more are rejected (a sane peer pipelines far fewer).
 MAX_QUEUED_REQUESTS = 64
@@ -51,8 +58,10 @@ class ChunkServer:
         on_lost: Callable[[int], None] | None = None,
         rate_limit: RateLimiter | None = None,
         buffers: BufferPool | None = None,
+        on_sent: Callable[[int], None] | None = None,
     ) -> None:
         self.link = link
+        self.on_sent = on_sent
         self.rate_limit = rate_limit
         self.buffers = buffers
         self.data = data
@@ -99,7 +108,7 @@ class ChunkServer:
 
     async def run(self) -> None:
         """Load and send chunks until cancelled (the link's nursery owns this task)."""
-        send, receive = trio.open_memory_channel[tuple[int, memoryview]](1)
+        send, receive = trio.open_memory_channel[tuple[int, _Payload]](1)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._sender, receive)
@@ -114,7 +123,7 @@ class ChunkServer:
                 self._give_back(payload)
                 self.upload_slots.release()
 
-    async def _loader(self, send: trio.MemorySendChannel[tuple[int, memoryview]]) -> None:
+    async def _loader(self, send: trio.MemorySendChannel[tuple[int, _Payload]]) -> None:
         manifest = self.data.manifest
         while True:
             index = await self._next_request()
@@ -127,7 +136,7 @@ class ChunkServer:
             self._started.add(index)
             await self.upload_slots.acquire()
             handed_over = False
-            payload: memoryview | None = None
+            payload: _Payload | None = None
             try:
                 payload = await self._read(index)
                 if index in self._cancelled:
@@ -150,8 +159,17 @@ class ChunkServer:
                         self._give_back(payload)
                     self.upload_slots.release()
 
-    async def _read(self, index: int) -> memoryview:
-        """Read and verify a chunk in a worker thread, into a pooled buffer when the store can."""
+    async def _read(self, index: int) -> _Payload:
+        """Read and verify a chunk in a worker thread, into a pooled buffer when the store can.
+
+        A chunk the store has verified before comes back as its place in a file, unread.
+        """
+        chunk_file = getattr(self.data, "chunk_file", None)
+        if chunk_file is not None and self.link.can_send_files:
+            # Memory and one fstat at most: cheap enough for the trio thread.
+            found: ChunkFile | None = chunk_file(index)
+            if found is not None:
+                return found
         read_into = getattr(self.data, "read_chunk_into", None)
         if self.buffers is None or read_into is None:
             return await trio.to_thread.run_sync(self.data.read_chunk, index)
@@ -163,27 +181,42 @@ class ChunkServer:
             raise
         return view
 
-    def _give_back(self, payload: memoryview) -> None:
-        if self.buffers is not None:
+    def _give_back(self, payload: _Payload) -> None:
+        if isinstance(payload, ChunkFile):
+            if payload.owned:
+                os.close(payload.fd)
+        elif self.buffers is not None:
             self.buffers.give(payload)
 
-    async def _sender(self, receive: trio.MemoryReceiveChannel[tuple[int, memoryview]]) -> None:
+    async def _sender(self, receive: trio.MemoryReceiveChannel[tuple[int, _Payload]]) -> None:
         async for index, payload in receive:
             try:
                 if index in self._cancelled:
                     continue
+                size = _size(payload)
                 if self.rate_limit is not None:
                     # Shared by every upload of the node: paced before the bytes go out.
-                    await self.rate_limit.acquire(len(payload))
-                if index not in self._cancelled and await self.link.send_chunk(index, payload):
+                    await self.rate_limit.acquire(size)
+                if index not in self._cancelled and await self._send(index, payload):
                     self.served_chunks += 1
-                    self.served_bytes += len(payload)
+                    self.served_bytes += size
+                    if self.on_sent is not None:
+                        self.on_sent(size)
             finally:
                 self._started.discard(index)
                 self._cancelled.discard(index)
                 # Sent (the kernel has its copy) or dropped: the buffer is free again.
                 self._give_back(payload)
                 self.upload_slots.release()
+
+    async def _send(self, index: int, payload: _Payload) -> bool:
+        if isinstance(payload, ChunkFile):
+            return await self.link.send_chunk_file(index, payload)
+        return await self.link.send_chunk(index, payload)
+
+
+def _size(payload: _Payload) -> int:
+    return payload.length if isinstance(payload, ChunkFile) else len(payload)
 
 
 async def serve_link(

@@ -19,6 +19,7 @@ from ..swarm.manifest import Manifest
 from .chunkstore import ChunkStore
 from .imagestore import ImageStore
 from .journal import pread_into
+from .peer_link import ChunkFile
 from .storeerrors import ChunkAbsent, ChunkCorrupt, ChunkMismatch, StoreError
 
 
@@ -42,7 +43,9 @@ class TemplateData(Protocol):
         """A present chunk's bytes in a fresh buffer, verified; ChunkAbsent or ChunkCorrupt."""
 
     # Stores may also offer `read_chunk_into(index, buf) -> memoryview`: the same, read into
-    # `buf` (at least the chunk's length; the view is of its start), so buffers can be reused.
+    # `buf` (at least the chunk's length; the view is of its start), so buffers can be reused,
+    # and `chunk_file(index) -> ChunkFile | None`: an already verified chunk's place in a file,
+    # for sendfile (None: read it, which verifies it).
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         """Verify and store chunk `index`; returns the indices that became present.
@@ -82,6 +85,10 @@ class HostTemplate:
     def read_chunk_into(self, index: int, buf: bytearray) -> memoryview:
         length = self.store.read_chunk_into(index, buf)
         return memoryview(buf)[:length]
+
+    def chunk_file(self, index: int) -> ChunkFile | None:
+        found = self.store.verified_range(index)
+        return None if found is None else ChunkFile(*found, owned=False)
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         return [index] if self.store.write_chunk(index, data) else []
@@ -157,6 +164,18 @@ class CenterTemplate:
         if got != length:
             raise ChunkCorrupt(f"chunk {index} holds {got} bytes, the manifest says {length}")
         return memoryview(buf)[:length]
+
+    def chunk_file(self, index: int) -> ChunkFile | None:
+        if index in self._manifest.zero_chunks or index not in self._have:
+            return None
+        found = self.store.open_verified(self._manifest.chunk_digests[index])
+        if found is None:
+            return None
+        fd, size = found
+        if size != self._manifest.chunk_range(index)[1]:
+            os.close(fd)
+            return None
+        return ChunkFile(fd, 0, size, owned=True)
 
     def _drop(self, digest: bytes) -> None:
         with self._lock:

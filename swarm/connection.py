@@ -39,6 +39,10 @@ from .messages import (
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 
 
+# A stand-in payload for `send_chunk_header`; bytes(n) is calloc'd, so it costs no memory.
+_LENGTH_ONLY = memoryview(bytes(MAX_CHUNK_SIZE))
+
+
 class State(enum.Enum):
     """Where one side of the link is."""
 
@@ -314,6 +318,17 @@ class Connection:
             self._set_ours(new_state)
         self.last_sent_at = now
         return parts
+
+    def send_chunk_header(self, index: int, size: int, *, now: float) -> bytes:
+        """The frame header of a `size`-byte chunk whose payload the caller sends itself.
+
+        Checked and recorded exactly like `send_parts(Chunk(...))`; for zero-copy senders.
+        """
+        if not 0 <= size <= MAX_CHUNK_SIZE:
+            raise LocalProtocolError(f"chunk of {size} bytes is over {MAX_CHUNK_SIZE}")
+        # Only the length of this view is read: the lazily zeroed buffer is never touched.
+        parts = self.send_parts(Chunk(index, _LENGTH_ONLY[:size]), now=now)
+        return bytes(parts[0])
 
     # -- validation shared by both directions -----------------------------------------------
 

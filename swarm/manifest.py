@@ -48,14 +48,14 @@ FORMAT_VERSION = 1
 _FIELD_COUNT = 10
 # Strings in a manifest are the magic, the format and the name/version; none is longer than this.
 _MAX_STR_BYTES = 1024
-# Above this size blake3's multithreading pays for its start-up cost.
-_THREADED_HASH_THRESHOLD = 1 << 20
 
 
 def digest_of(data: bytes | bytearray | memoryview) -> bytes:
-    """The blake3 digest of `data`, using all cores for large buffers."""
-    if len(data) >= _THREADED_HASH_THRESHOLD:
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()
+    """The blake3 digest of `data`, on this thread only.
+
+    Chunks are verified while other threads receive and write; blake3's own thread pool would
+    spin against them for the same cores.
+    """
     return blake3.blake3(data).digest()
 
 

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import libvirt
 import pytest
 from vmswarm.daemon.libvirt_launcher import (
     PROBE_MARKER,
@@ -221,3 +222,41 @@ def test_the_probe_verdict_is_cached_per_key(
     assert len(probes) == 2
     LibvirtLauncher(TEST_URI, probe_cache=None)._cached_probe()
     assert len(probes) == 3
+
+
+class _MonitorGone:
+    """A libvirt connection whose stats call fails for one domain, as when its guest powers off."""
+
+    def __init__(self, conn: object, dying: str) -> None:
+        self._conn = conn
+        self._dying = dying
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._conn, name)
+
+    def domainListGetStats(self, domains: list[object], stats: int, flags: int) -> object:
+        if any(d.name() == self._dying for d in domains):  # type: ignore[attr-defined]
+            raise libvirt.libvirtError("internal error: End of file from qemu monitor")
+        return self._conn.domainListGetStats(domains, stats, flags)  # type: ignore[attr-defined]
+
+
+def test_stats_survive_one_guest_whose_monitor_is_gone(
+    launcher: LibvirtLauncher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    names = [f"t-{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    for name in names:
+        launcher.define(xml_for(name))
+        launcher.start(name)
+    try:
+        real = launcher._connection()
+        monkeypatch.setattr(launcher, "_connection", lambda: _MonitorGone(real, names[0]))
+        stats = launcher.stats(names)
+        # The healthy guest keeps its full record; the dying one still shows, from its info.
+        assert set(stats) == set(names)
+        assert stats[names[1]].memory_used > 0
+        assert stats[names[0]].state is VmState.RUNNING
+    finally:
+        monkeypatch.undo()
+        for name in names:
+            launcher.destroy(name)
+            launcher.undefine(name)

@@ -85,10 +85,12 @@ def test_hosts_fetch_at_once_and_get_identical_images(
             "path",
             "size",
             "seconds",
+            "chunks_seconds",
             "bytes_from_centers",
             "bytes_from_peers",
             "sources",
         }
+        assert 0 < result["chunks_seconds"] <= result["seconds"]
         assert result["size"] == IMAGE_SIZE
         assert blake3.blake3(Path(result["path"]).read_bytes()).hexdigest() == digest
         assert result["bytes_from_centers"] + result["bytes_from_peers"] <= IMAGE_SIZE
