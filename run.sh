@@ -14,6 +14,12 @@ APT_PACKAGES=(
     syslinux syslinux-common mtools dosfstools fdisk cpio
     # The cluster benchmark's baselines: aria2 downloads from lighttpd mirrors (byte ranges).
     aria2 lighttpd
+    # A real Prometheus scrapes a test cluster's /metrics (tests/e2e/test_prometheus_scrape.py).
+    prometheus
+    # systemd-analyze verifies the units in systemd/ (tests/e2e/test_systemd_units.py).
+    systemd
+    # A silently dead link (DROP, no RST) in tests/e2e/test_faults_dead_link.py.
+    iptables
 )
 LIBVIRT_URI="qemu:///system"
 

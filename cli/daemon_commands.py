@@ -2,162 +2,162 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import trio
 import typer
+from rich.live import Live
 
-from ..daemon.config_files import ConfigError, load_flavors
-from ..daemon.control import ControlError, ControlUnreachable, call_control
+from ..daemon.config_files import load_flavors
+from ..daemon.control import call_control
 from ..daemon.download import DownloadConfig
-from ..daemon.node import NodeConfig, NodeError, run_until_signalled
-from ..daemon.ratelimit import parse_rate
-from ..daemon.rpc import RpcError
-from ..daemon.storeerrors import StoreError
-from ..swarm.address import parse_address
+from ..daemon.logfmt import setup_logging
+from ..daemon.node import NodeConfig, run_until_signalled
+from ..daemon.settings import Settings
 from ..swarm.messages import Role
-from .output import fail, human_bytes, print_json
+from .config_command import print_settings
+from .config_options import (
+    ConfigOption,
+    ControlOption,
+    JsonOption,
+    ShowConfigOption,
+    control_socket,
+    load,
+    setting_help,
+    trust_keys,
+)
+from .config_options import setting_option as _option
+from .errors import leaf
+from .key_commands import AllowUnsignedOption, TrustedKeyOption
+from .output import console, fail, human_bytes, is_terminal, print_json, print_renderable
+from .progress import ProgressView
+from .status_view import status_lines, status_renderable
 
-ENV_TRACKER = "VMSWARM_TRACKER"
-ENV_CONTROL = "VMSWARM_CONTROL"
-DEFAULT_CONTROL = Path("/var/lib/vmswarm/control.sock")
-# Without a terminal, progress is one line this often.
-PLAIN_PROGRESS_EVERY = 3.0
+log = logging.getLogger("vmswarm.daemon")
 
 daemon_app = typer.Typer(
     name="daemon", help="Run the host or storage-center daemon.", no_args_is_help=True
 )
 
-ControlOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--control",
-        envvar=ENV_CONTROL,
-        help=f"The daemon's control socket [default: ${ENV_CONTROL}, else {DEFAULT_CONTROL}]",
-        show_default=False,
-    ),
-]
 
-
-def _address(text: str, what: str) -> tuple[str, int]:
-    try:
-        return parse_address(text)
-    except ValueError as exc:
-        fail(f"{what}: {exc}")
-
-
-def _first_error(exc: BaseException) -> BaseException:
-    """The first leaf of a (possibly nested) exception group."""
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+def node_config(settings: Settings) -> NodeConfig:
+    """The NodeConfig that `daemon run` starts, from the effective settings."""
+    role = settings["daemon.role"]
+    if role is None:
+        fail(f"no role: pass --role host|storage, or set daemon.role in {settings.path}")
+    libvirt_uri: str = settings["daemon.libvirt_uri"]
+    return NodeConfig(
+        role=Role(role),
+        data_dir=settings["daemon.data_dir"],
+        listen=settings["daemon.listen"],
+        tracker=settings["cluster.tracker"],
+        control_path=settings["daemon.control"],
+        rack=settings["daemon.rack"],
+        max_peers=settings["daemon.max_peers"],
+        upload_slots=settings["daemon.upload_slots"],
+        upload_limit=settings["daemon.upload_limit"],
+        max_connections_per_address=settings["daemon.max_connections_per_address"],
+        peer_upload_limit=settings["daemon.peer_upload_limit"],
+        peer_download_limit=settings["daemon.peer_download_limit"],
+        ban_seconds=settings["daemon.ban_seconds"],
+        handshake_timeout=settings["daemon.handshake_timeout"],
+        idle_timeout=settings["daemon.idle_timeout"],
+        libvirt_uri=None if libvirt_uri.lower() == "none" else libvirt_uri,
+        flavors=load_flavors(settings["cluster.flavors"]),
+        download=DownloadConfig(no_source_timeout=settings["daemon.no_source_timeout"]),
+        peers=settings["daemon.peers"],
+        metrics_listen=settings["daemon.metrics"],
+        trusted_keys=trust_keys(settings),
+        allow_unsigned=settings["cluster.allow_unsigned"],
+        scrub_interval=settings["daemon.scrub_interval"],
+    )
 
 
 @daemon_app.command("run")
 def daemon_run(
-    role: Annotated[str, typer.Option("--role", help="host or storage")],
-    data_dir: Annotated[Path, typer.Option("--data-dir", help="Where stores and ids live")],
-    tracker: Annotated[
-        str | None,
-        typer.Option("--tracker", envvar=ENV_TRACKER, help="Tracker HOST:PORT"),
+    role: Annotated[str | None, _option("daemon.role", "--role")] = None,
+    data_dir: Annotated[Path | None, _option("daemon.data_dir", "--data-dir")] = None,
+    tracker: Annotated[str | None, _option("cluster.tracker", "--tracker")] = None,
+    listen: Annotated[str | None, _option("daemon.listen", "--listen")] = None,
+    control: Annotated[Path | None, _option("daemon.control", "--control")] = None,
+    rack: Annotated[str | None, _option("daemon.rack", "--rack")] = None,
+    max_peers: Annotated[int | None, _option("daemon.max_peers", "--max-peers")] = None,
+    upload_slots: Annotated[int | None, _option("daemon.upload_slots", "--upload-slots")] = None,
+    upload_limit: Annotated[str | None, _option("daemon.upload_limit", "--upload-limit")] = None,
+    max_connections_per_address: Annotated[
+        int | None,
+        _option("daemon.max_connections_per_address", "--max-connections-per-address"),
     ] = None,
-    listen: Annotated[
-        str, typer.Option("--listen", help="TCP HOST:PORT for peers and RPC")
-    ] = "0.0.0.0:7881",
-    control: Annotated[
-        Path | None,
-        typer.Option("--control", help="Control socket [default: DATA_DIR/control.sock]"),
+    peer_upload_limit: Annotated[
+        str | None, _option("daemon.peer_upload_limit", "--peer-upload-limit")
     ] = None,
-    rack: Annotated[str | None, typer.Option("--rack", help="Rack label for locality")] = None,
-    max_peers: Annotated[int, typer.Option("--max-peers", min=1, help="Connection cap")] = 64,
-    upload_slots: Annotated[
-        int, typer.Option("--upload-slots", min=1, help="Chunks uploaded at once")
-    ] = 8,
-    upload_limit: Annotated[
-        str,
-        typer.Option(
-            "--upload-limit",
-            help="Upload rate cap shared by all peers, e.g. 20MB, 100Mbit (0: unlimited)",
-        ),
-    ] = "0",
+    peer_download_limit: Annotated[
+        str | None, _option("daemon.peer_download_limit", "--peer-download-limit")
+    ] = None,
+    ban_seconds: Annotated[float | None, _option("daemon.ban_seconds", "--ban-seconds")] = None,
+    handshake_timeout: Annotated[
+        float | None, _option("daemon.handshake_timeout", "--handshake-timeout")
+    ] = None,
+    idle_timeout: Annotated[float | None, _option("daemon.idle_timeout", "--idle-timeout")] = None,
     no_source_timeout: Annotated[
-        float,
-        typer.Option(
-            "--no-source-timeout",
-            min=0.1,
-            help="Seconds a wanted chunk may have no source before a fetch fails",
-        ),
-    ] = 30.0,
-    flavors_file: Annotated[
-        Path | None,
-        typer.Option("--flavors", help="Flavors TOML file [default: built-in tiny/small/medium]"),
+        float | None, _option("daemon.no_source_timeout", "--no-source-timeout")
     ] = None,
-    libvirt_uri: Annotated[
-        str,
-        typer.Option(
-            "--libvirt-uri",
-            envvar="VMSWARM_LIBVIRT_URI",
-            help="Where a host runs its VMs ('none': no VMs)",
-        ),
-    ] = "qemu:///system",
-    peers: Annotated[
-        bool,
-        typer.Option(
-            "--peers/--no-peers",
-            help="Trade chunks with other hosts (--no-peers: a host uses storage centers only)",
-        ),
-    ] = True,
-    log_level: Annotated[str, typer.Option("--log-level", help="DEBUG, INFO, WARNING")] = "INFO",
+    flavors_file: Annotated[Path | None, _option("cluster.flavors", "--flavors")] = None,
+    libvirt_uri: Annotated[str | None, _option("daemon.libvirt_uri", "--libvirt-uri")] = None,
+    peers: Annotated[bool | None, _option("daemon.peers", "--peers/--no-peers")] = None,
+    log_level: Annotated[str | None, _option("log.level", "--log-level")] = None,
+    metrics: Annotated[str | None, _option("daemon.metrics", "--metrics")] = None,
+    trusted_key: TrustedKeyOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
+    config: ConfigOption = None,
+    show_config: ShowConfigOption = False,
 ) -> None:
-    """Run a daemon until SIGTERM or SIGINT."""
-    try:
-        flavors = load_flavors(flavors_file)
-    except ConfigError as exc:
-        fail(str(exc))
-    try:
-        parsed_role = Role(role)
-    except ValueError:
-        fail(f"--role must be 'host' or 'storage', got {role!r}")
-    try:
-        upload_rate = parse_rate(upload_limit)
-    except ValueError as exc:
-        fail(f"--upload-limit: {exc}")
-    level = logging.getLevelName(log_level.upper())
-    if not isinstance(level, int):
-        fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, got {log_level!r}")
-    logging.basicConfig(
-        level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    """Run a host or storage-center daemon until SIGTERM or SIGINT."""
+    settings = load(
+        config,
+        {
+            "daemon.role": role,
+            "daemon.data_dir": data_dir,
+            "cluster.tracker": tracker,
+            "daemon.listen": listen,
+            "daemon.control": control,
+            "daemon.rack": rack,
+            "daemon.max_peers": max_peers,
+            "daemon.upload_slots": upload_slots,
+            "daemon.upload_limit": upload_limit,
+            "daemon.max_connections_per_address": max_connections_per_address,
+            "daemon.peer_upload_limit": peer_upload_limit,
+            "daemon.peer_download_limit": peer_download_limit,
+            "daemon.ban_seconds": ban_seconds,
+            "daemon.handshake_timeout": handshake_timeout,
+            "daemon.idle_timeout": idle_timeout,
+            "daemon.no_source_timeout": no_source_timeout,
+            "cluster.flavors": flavors_file,
+            "daemon.libvirt_uri": libvirt_uri,
+            "daemon.peers": peers,
+            "log.level": log_level,
+            "daemon.metrics": metrics,
+            "cluster.trusted_keys": trusted_key or None,
+            "cluster.allow_unsigned": allow_unsigned or None,  # the flag can only turn it on
+        },
     )
-    config = NodeConfig(
-        role=parsed_role,
-        data_dir=data_dir,
-        listen=_address(listen, "--listen"),
-        tracker=None if tracker is None else _address(tracker, "--tracker"),
-        control_path=control,
-        rack=rack,
-        max_peers=max_peers,
-        upload_slots=upload_slots,
-        upload_limit=upload_rate,
-        libvirt_uri=None if libvirt_uri.lower() == "none" else libvirt_uri,
-        flavors=flavors,
-        download=DownloadConfig(no_source_timeout=no_source_timeout),
-        peers=peers,
-    )
-    if config.tracker is None:
-        logging.getLogger(__name__).warning("no --tracker given: running without a tracker")
+    if show_config:
+        print_settings(settings, json_output=False)
+        return
+    setup_logging(settings["log.level"])
+    node = node_config(settings)
+    if node.tracker is None:
+        log.warning("no tracker configured (--tracker, cluster.tracker): running without one")
     try:
-        trio.run(run_until_signalled, config)
+        trio.run(run_until_signalled, node)
     except KeyboardInterrupt:
         pass
-    except BaseException as exc:  # unwrap trio's exception groups to report one clear line
-        error = _first_error(exc)
-        if isinstance(error, NodeError | ControlError | StoreError | OSError):
-            fail(str(error))
-        raise
+    except BaseExceptionGroup as group:  # trio wraps the one real error: report that one
+        raise leaf(group) from None
 
 
 def _split_name(text: str) -> tuple[str, str | None]:
@@ -167,72 +167,20 @@ def _split_name(text: str) -> tuple[str, str | None]:
     return name, version if sep else None
 
 
-def _control_path(control: Path | None) -> Path:
-    return control if control is not None else DEFAULT_CONTROL
-
-
-class _ProgressView:
-    """Draws fetch progress on stderr: a bar on a terminal, a line now and then otherwise."""
-
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.tty = sys.stderr.isatty()
-        self._last_plain = 0.0
-        self._drawn = False
-
-    def __call__(self, event: str, data: dict[str, Any]) -> None:
-        if event != "progress":
-            return
-        done = int(data.get("done_bytes", 0))
-        total = int(data.get("total_bytes", 0))
-        percent = 100.0 if total == 0 else 100.0 * done / total
-        rate = float(data.get("rate", 0.0))
-        eta = data.get("eta")
-        eta_text = "--" if eta is None else f"{float(eta):.0f}s"
-        text = (
-            f"{percent:5.1f}%  {human_bytes(rate)}/s  ETA {eta_text}  "
-            f"sources {data.get('sources', 0)}  "
-            f"centers {human_bytes(int(data.get('bytes_from_centers', 0)))}  "
-            f"peers {human_bytes(int(data.get('bytes_from_peers', 0)))}"
-        )
-        if self.tty:
-            width = 24
-            filled = int(width * percent / 100)
-            bar = "#" * filled + "-" * (width - filled)
-            sys.stderr.write(f"\r{self.label} [{bar}] {text}\x1b[K")
-            sys.stderr.flush()
-            self._drawn = True
-            return
-        now = time.monotonic()
-        if now - self._last_plain >= PLAIN_PROGRESS_EVERY:
-            self._last_plain = now
-            sys.stderr.write(f"{self.label}: {text}\n")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self._drawn:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def fetch(
-    template: Annotated[str, typer.Argument(help="NAME or NAME:VERSION")],
+    template: Annotated[str, typer.Argument(help="NAME or NAME:VERSION (default: newest).")],
     control: ControlOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Ask the local daemon to fetch a template and wait until it is verified."""
     name, version = _split_name(template)
-    path = _control_path(control)
-    view = _ProgressView(template)
+    path = control_socket(config, control)
+    view = ProgressView(template)
     try:
         result = trio.run(call_control, path, "fetch", {"name": name, "version": version}, view)
-    except ControlUnreachable as exc:
+    finally:
         view.finish()
-        fail(str(exc))
-    except RpcError as exc:
-        view.finish()
-        fail(exc.message)
-    view.finish()
     summary = {
         key: result.get(key)
         for key in (
@@ -259,63 +207,49 @@ def fetch(
     )
 
 
-def status(
-    control: ControlOption = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object")] = False,
-) -> None:
-    """Show the local daemon's templates, rates, peers and bans."""
-    path = _control_path(control)
-    try:
-        result = trio.run(call_control, path, "status", {})
-    except ControlUnreachable as exc:
-        fail(str(exc))
-    except RpcError as exc:
-        fail(exc.message)
+def _show_status(result: dict[str, Any], json_output: bool) -> None:
     if json_output:
         print_json(result)
         return
-    for line in _status_lines(result):
-        typer.echo(line)
+    print_renderable(status_renderable(result), status_lines(result))
 
 
-def _status_lines(status: dict[str, Any]) -> list[str]:
-    tracker = status.get("tracker") or {}
-    state = "connected" if tracker.get("connected") else f"away: {tracker.get('last_error')}"
-    listen = status.get("listen")
-    lines = [
-        f"{status.get('role')} daemon {status.get('peer_id')} on "
-        f"{'-' if not listen else f'{listen[0]}:{listen[1]}'}, "
-        f"tracker {tracker.get('address')} ({state}), "
-        f"{status.get('connections')}/{status.get('max_peers')} connections"
-    ]
-    templates = status.get("templates") or []
-    if not templates:
-        lines.append("  no templates")
-    for t in templates:
-        lines.append(
-            f"  {t['name']}:{t['version']} {t['template_id'][:16]}  {t['percent']:.1f}%"
-            f"{' complete' if t.get('complete') else ''}  "
-            f"down {human_bytes(t['rate'])}/s  up {human_bytes(t['upload_rate'])}/s  "
-            f"from centers {human_bytes(t['bytes_from_centers'])}  "
-            f"from peers {human_bytes(t['bytes_from_peers'])}  "
-            f"{t['links']} peers"
-        )
-        for p in t.get("peers", []):
-            address = p.get("listen") or p.get("address")
-            where = "-" if not address else f"{address[0]}:{address[1]}"
-            lines.append(
-                f"    peer {p['peer_id'][:16]} {p['role']:<7} {where:<21} {p['direction']:<3} "
-                f"{p['percent']:5.1f}%  in {human_bytes(p['bytes_in'])}  "
-                f"out {human_bytes(p['bytes_out'])}"
-            )
-        for b in t.get("banned", []):
-            address = b.get("address")
-            where = "-" if not address else f"{address[0]}:{address[1]}"
-            lines.append(
-                f"    banned {b['peer_id'][:16]} {where}: {b['reason']} "
-                f"({b['corrupt_chunks']} corrupt chunks)"
-            )
-    return lines
+async def _watch_status(path: Path, interval: float, json_output: bool) -> None:
+    """Refresh until Ctrl-C: live in place on a terminal, one snapshot after another otherwise."""
+    if is_terminal(sys.stdout) and not json_output:
+        with Live(console=console(), auto_refresh=False) as live:
+            while True:
+                live.update(status_renderable(await call_control(path, "status", {})))
+                live.refresh()
+                await trio.sleep(interval)
+    while True:
+        _show_status(await call_control(path, "status", {}), json_output)
+        if not json_output:
+            typer.echo("")
+        sys.stdout.flush()
+        await trio.sleep(interval)
+
+
+def status(
+    control: ControlOption = None,
+    config: ConfigOption = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (with --watch: one per line).")
+    ] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="Keep refreshing until Ctrl-C.")] = False,
+    interval: Annotated[
+        float | None,
+        typer.Option("--interval", help=setting_help("cli.watch_interval"), show_default=False),
+    ] = None,
+) -> None:
+    """Show the local daemon's templates, rates, peers and bans."""
+    settings = load(config, {"daemon.control": control, "cli.watch_interval": interval})
+    path = settings.control_socket()
+    if not watch:
+        _show_status(trio.run(call_control, path, "status", {}), json_output)
+        return
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how a watch ends
+        trio.run(_watch_status, path, settings["cli.watch_interval"], json_output)
 
 
 def register(app: typer.Typer) -> None:

@@ -8,8 +8,9 @@ import typer
 
 from ..daemon.tracker_client import DEFAULT_LAUNCH_TIMEOUT, LaunchResult, TrackerClient
 from ..swarm.address import format_address, parse_address
+from .config_options import ConfigOption, JsonOption, TrackerOption
 from .output import fail, print_json
-from .tracker_commands import JsonOption, TrackerOption, _ask_tracker, parse_template_ref
+from .tracker_commands import ask_tracker, parse_template_ref
 
 
 def launch_json(result: LaunchResult) -> dict[str, Any]:
@@ -42,7 +43,7 @@ def _check_host(text: str) -> None:
 def launch(
     template: Annotated[str, typer.Argument(help="NAME or NAME:VERSION (default: newest).")],
     flavor: Annotated[str, typer.Option("--flavor", help="Flavor name (vmswarm flavors).")],
-    tracker_address: TrackerOption = None,
+    tracker_flag: TrackerOption = None,
     host: Annotated[
         str | None,
         typer.Option(
@@ -57,9 +58,10 @@ def launch(
         typer.Option("--timeout", min=1.0, help="Seconds to wait for the VM to be running."),
     ] = DEFAULT_LAUNCH_TIMEOUT,
     json_output: JsonOption = False,
+    config: ConfigOption = None,
 ) -> None:
-    """Launch a VM: the tracker picks a host with room (preferring one that holds the template),
-    which fetches the template through the swarm and boots it."""
+    """Launch a VM: the tracker picks a host with room, preferring one that holds the template;
+    that host fetches the template through the swarm and boots it."""
     try:
         name, version = parse_template_ref(template)
     except ValueError as exc:
@@ -72,7 +74,7 @@ def launch(
             name, version, flavor, host=host, vm_name=vm_name, time_limit=wait
         )
 
-    result = _ask_tracker(tracker_address, query)
+    result = ask_tracker(config, tracker_flag, query)
     if json_output:
         print_json(launch_json(result))
         return

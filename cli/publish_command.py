@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import trio
 import typer
 
-from ..daemon.imagefile import ImageFileError
-from ..daemon.publish import PublishError, PublishResult, default_name, publish
+from ..daemon.keys import KeyFileError, load_private_key
+from ..daemon.logfmt import setup_logging
+from ..daemon.publish import PublishResult, default_name, publish
 from ..daemon.rpc import RpcError
-from ..daemon.tracker_client import TrackerUnreachable
 from ..swarm.errors import ManifestError
 from ..swarm.manifest import DEFAULT_CHUNK_SIZE, check_chunk_size
+from .config_options import ConfigOption, JsonOption, TrackerOption, load, tracker_address
+from .config_options import setting_option as _option
+from .errors import EXIT_FAILURE
+from .key_commands import parse_duration
 from .manifest_command import parse_size
-from .output import fail, print_json
-from .tracker_commands import (
-    EXIT_FAILURE,
-    JsonOption,
-    LogLevelOption,
-    TrackerOption,
-    _tracker_address,
-    setup_logging,
-)
+from .output import fail, print_json, say
 
 
 def publish_command(
@@ -33,7 +28,7 @@ def publish_command(
         str | None, typer.Option("--name", help="Template name (default: the file's stem).")
     ] = None,
     version: Annotated[str, typer.Option("--version", help="Template version.")] = "1",
-    tracker_address: TrackerOption = None,
+    tracker_flag: TrackerOption = None,
     replicas: Annotated[
         int, typer.Option("--replicas", help="Storage centers that hold each chunk.")
     ] = 2,
@@ -44,12 +39,30 @@ def publish_command(
         str | None,
         typer.Option("--source-host", help="Address the centers pull from (default: auto)."),
     ] = None,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(
+            "--sign-key", help="Ed25519 private key to sign the template with (`vmswarm key`)."
+        ),
+    ] = None,
+    valid_for: Annotated[
+        str, typer.Option("--valid-for", help="How long the signature holds: 30d, 1y, never.")
+    ] = "365d",
     json_output: JsonOption = False,
-    log_level: LogLevelOption = "WARNING",
+    log_level: Annotated[str | None, _option("cli.log_level", "--log-level")] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Publish IMAGE as NAME:VERSION; the centers pull and verify their stripes."""
-    setup_logging(log_level)
-    tracker = _tracker_address(tracker_address)
+    settings = load(config, {"cluster.tracker": tracker_flag, "cli.log_level": log_level})
+    setup_logging(settings["cli.log_level"])
+    tracker = tracker_address(settings)
+    try:
+        signing_key = None if sign_key is None else load_private_key(sign_key)
+        valid_seconds = parse_duration(valid_for)
+    except KeyFileError as exc:
+        fail(f"--sign-key: {exc}")
+    except ValueError as exc:
+        fail(f"--valid-for: {exc}")
     try:
         size = (
             DEFAULT_CHUNK_SIZE if chunk_size is None else check_chunk_size(parse_size(chunk_size))
@@ -59,7 +72,7 @@ def publish_command(
 
     def step(text: str) -> None:
         if not json_output:
-            sys.stderr.write(f"{text}\n")
+            say(text)
 
     try:
         result: PublishResult = trio.run(
@@ -72,12 +85,10 @@ def publish_command(
                 chunk_size=size,
                 source_host=source_host,
                 on_step=step,
+                signing_key=signing_key,
+                valid_for=valid_seconds,
             )
         )
-    except (ImageFileError, ManifestError) as exc:
-        fail(str(exc))
-    except (PublishError, TrackerUnreachable) as exc:
-        fail(str(exc), EXIT_FAILURE)
     except RpcError as exc:
         fail(f"tracker refused the template: {exc.message}", EXIT_FAILURE)
     summary = result.summary()
@@ -86,13 +97,14 @@ def publish_command(
         return
     typer.echo(summary["template_id"])
     moved = summary["chunks_moved"]
-    sys.stderr.write(
+    say(
         f"published {summary['name']}:{summary['version']} "
         f"({'new' if summary['created'] else 'already known'}), {summary['chunks']} chunks, "
         f"{summary['zero_chunks']} zero, r={summary['replicas']}, {moved} chunk copies moved "
-        f"in {summary['seconds']:.1f}s\n"
+        f"in {summary['seconds']:.1f}s"
     )
 
 
 def register(app: typer.Typer) -> None:
+    """Add `publish` to the vmswarm app."""
     app.command("publish")(publish_command)

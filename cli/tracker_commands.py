@@ -6,8 +6,7 @@ import functools
 import logging
 import signal
 import sqlite3
-import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,38 +15,29 @@ import typer
 
 from ..daemon import tracker
 from ..daemon.catalog import CatalogError
-from ..daemon.config_files import ConfigError, load_flavors
-from ..daemon.rpc import RpcError
-from ..daemon.tracker_client import (
-    DEFAULT_CONNECT_TIMEOUT,
-    SwarmView,
-    TemplateInfo,
-    TrackerClient,
-    TrackerUnreachable,
-)
-from ..swarm.address import format_address, parse_address
+from ..daemon.config_files import load_flavors
+from ..daemon.logfmt import setup_logging
+from ..daemon.tracker_client import DEFAULT_CONNECT_TIMEOUT, SwarmView, TemplateInfo, TrackerClient
+from ..swarm.address import format_address
 from ..swarm.flavors import Flavor
-from .output import fail, human_bytes, print_json
+from .config_command import print_settings
+from .config_options import (
+    ConfigOption,
+    JsonOption,
+    ShowConfigOption,
+    TrackerOption,
+    load,
+    tracker_address,
+    trust_keys,
+)
+from .config_options import setting_option as _option
+from .errors import EXIT_FAILURE, leaf
+from .key_commands import AllowUnsignedOption, TrustedKeyOption
+from .output import fail, human_bytes, print_json, print_table
 
 log = logging.getLogger("vmswarm.tracker")
 
-EXIT_FAILURE = 1
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 T = TypeVar("T")
-
-TrackerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--tracker",
-        envvar="VMSWARM_TRACKER",
-        help="Tracker address HOST:PORT (default: $VMSWARM_TRACKER).",
-        show_default=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-LogLevelOption = Annotated[
-    str, typer.Option("--log-level", help=f"Logging threshold: {', '.join(LOG_LEVELS)}.")
-]
 
 
 def parse_template_ref(text: str) -> tuple[str, str | None]:
@@ -58,52 +48,19 @@ def parse_template_ref(text: str) -> tuple[str, str | None]:
     return name, version if sep else None
 
 
-def setup_logging(level: str) -> None:
-    if level.upper() not in LOG_LEVELS:
-        fail(f"--log-level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
-def _tracker_address(text: str | None) -> tuple[str, int]:
-    if not text:
-        fail("no tracker address: pass --tracker HOST:PORT or set VMSWARM_TRACKER")
-    try:
-        host, port = parse_address(text)
-    except ValueError as exc:
-        fail(f"--tracker: {exc}")
-    if port == 0:
-        fail(f"--tracker: {text!r} needs a non-zero port")
-    return host, port
-
-
-def _ask_tracker(address: str | None, query: Callable[[TrackerClient], Awaitable[T]]) -> T:
-    """Run one query against the tracker; unreachable or refused ends the command in one line."""
-    host, port = _tracker_address(address)
+def ask_tracker(
+    config: Path | None, tracker_flag: str | None, query: Callable[[TrackerClient], Awaitable[T]]
+) -> T:
+    """One query against the tracker (--tracker, $VMSWARM_TRACKER or cluster.tracker); an
+    unreachable tracker or a refusal propagates to the one error handler in cli/main.py."""
+    host, port = tracker_address(load(config, {"cluster.tracker": tracker_flag}))
 
     async def run() -> T:
         client = await TrackerClient.connect(host, port, connect_timeout=DEFAULT_CONNECT_TIMEOUT)
         async with client:
             return await query(client)
 
-    try:
-        return trio.run(run)
-    except TrackerUnreachable as exc:
-        fail(str(exc), EXIT_FAILURE)
-    except RpcError as exc:
-        fail(exc.message, EXIT_FAILURE)
-
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    lines = [headers, *rows]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip()
-        for line in lines
-    )
+    return trio.run(run)
 
 
 def _template_json(info: TemplateInfo) -> dict[str, Any]:
@@ -120,13 +77,15 @@ def _template_json(info: TemplateInfo) -> dict[str, Any]:
     }
 
 
-def templates(tracker_address: TrackerOption = None, json_output: JsonOption = False) -> None:
+def templates(
+    tracker_flag: TrackerOption = None, config: ConfigOption = None, json_output: JsonOption = False
+) -> None:
     """List the tracker's template catalog."""
 
     async def query(client: TrackerClient) -> list[TemplateInfo]:
         return await client.list_templates()
 
-    found = _ask_tracker(tracker_address, query)
+    found = ask_tracker(config, tracker_flag, query)
     if json_output:
         print_json({"templates": [_template_json(t) for t in found]})
         return
@@ -145,12 +104,17 @@ def templates(tracker_address: TrackerOption = None, json_output: JsonOption = F
         ]
         for t in found
     ]
-    typer.echo(_table(["NAME", "VERSION", "FORMAT", "SIZE", "CHUNKS", "ZERO", "TEMPLATE ID"], rows))
+    print_table(
+        ["NAME", "VERSION", "FORMAT", "SIZE", "CHUNKS", "ZERO", "TEMPLATE ID"],
+        rows,
+        right={"SIZE", "CHUNKS", "ZERO"},
+    )
 
 
 def peers(
     template: Annotated[str, typer.Argument(help="NAME or NAME:VERSION (default: newest).")],
-    tracker_address: TrackerOption = None,
+    tracker_flag: TrackerOption = None,
+    config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Show the tracker's view of a template's swarm: each host or center and its progress."""
@@ -163,7 +127,7 @@ def peers(
         found = await client.lookup(name, version)
         return found.info, await client.swarm(found.template_id)
 
-    info, view = _ask_tracker(tracker_address, query)
+    info, view = ask_tracker(config, tracker_flag, query)
     members = [
         {
             "peer_id": m.peer_id.hex(),
@@ -188,11 +152,13 @@ def peers(
             }
         )
         return
-    typer.echo(
+    headline = (
         f"{info.name}:{info.version}  id {info.template_id.hex()[:16]}  {info.chunks} chunks  "
         f"{len(members)} live peers"
     )
-    if members:
+    if not members:
+        typer.echo(headline)
+    else:
         rows = [
             [
                 m.peer_id.hex()[:16],
@@ -203,63 +169,96 @@ def peers(
             ]
             for m in view.members
         ]
-        typer.echo(_table(["PEER", "ROLE", "ADDRESS", "RACK", "COMPLETE"], rows))
+        print_table(
+            ["PEER", "ROLE", "ADDRESS", "RACK", "COMPLETE"],
+            rows,
+            right={"COMPLETE"},
+            title=headline,
+        )
 
 
 def tracker_run(
-    listen: Annotated[str, typer.Option("--listen", help="Address to listen on, HOST:PORT.")],
-    state_dir: Annotated[
-        Path, typer.Option("--state-dir", help="Directory of the SQLite template catalog.")
-    ],
-    announce_ttl: Annotated[
-        float,
-        typer.Option(
-            "--announce-ttl", min=0.1, help="Seconds a peer stays listed unless it re-announces."
-        ),
-    ] = tracker.DEFAULT_ANNOUNCE_TTL,
-    flavors_file: Annotated[
-        Path | None,
-        typer.Option(
-            "--flavors", help="TOML file of VM flavors for placement (default: the built-ins)."
-        ),
-    ] = None,
-    log_level: LogLevelOption = "INFO",
+    listen: Annotated[str | None, _option("tracker.listen", "--listen")] = None,
+    state_dir: Annotated[Path | None, _option("tracker.state_dir", "--state-dir")] = None,
+    announce_ttl: Annotated[float | None, _option("tracker.announce_ttl", "--announce-ttl")] = None,
+    flavors_file: Annotated[Path | None, _option("cluster.flavors", "--flavors")] = None,
+    log_level: Annotated[str | None, _option("log.level", "--log-level")] = None,
+    metrics: Annotated[str | None, _option("tracker.metrics", "--metrics")] = None,
+    trusted_key: TrustedKeyOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
+    config: ConfigOption = None,
+    show_config: ShowConfigOption = False,
 ) -> None:
     """Run the tracker: the template catalog, the peer handout and VM placement."""
-    setup_logging(log_level)
+    settings = load(
+        config,
+        {
+            "tracker.listen": listen,
+            "tracker.state_dir": state_dir,
+            "tracker.announce_ttl": announce_ttl,
+            "cluster.flavors": flavors_file,
+            "log.level": log_level,
+            "tracker.metrics": metrics,
+            "cluster.trusted_keys": trusted_key or None,
+            "cluster.allow_unsigned": allow_unsigned or None,  # the flag can only turn it on
+        },
+    )
+    if show_config:
+        print_settings(settings, json_output=False)
+        return
+    setup_logging(settings["log.level"])
+    host, port = settings["tracker.listen"]
+    where: Path = settings["tracker.state_dir"]
+    serve = functools.partial(
+        _serve_until_signal,
+        trusted_keys=trust_keys(settings),
+        allow_unsigned=settings["cluster.allow_unsigned"],
+    )
+    flavors = load_flavors(settings["cluster.flavors"])
     try:
-        host, port = parse_address(listen)
-    except ValueError as exc:
-        fail(f"--listen: {exc}")
-    try:
-        flavors = load_flavors(flavors_file)
-    except ConfigError as exc:
-        fail(str(exc))
-    try:
-        trio.run(_serve_until_signal, host, port, state_dir, announce_ttl, flavors)
+        trio.run(
+            serve,
+            host,
+            port,
+            where,
+            settings["tracker.announce_ttl"],
+            flavors,
+            settings["tracker.metrics"],
+        )
     except (OSError, sqlite3.Error, CatalogError, BaseExceptionGroup) as exc:
-        leaf = _single_leaf(exc)
-        if isinstance(leaf, OSError):
-            fail(f"tracker cannot run on {listen} with state in {state_dir}: {leaf}", EXIT_FAILURE)
-        if isinstance(leaf, sqlite3.Error | CatalogError):
-            fail(f"tracker catalog in {state_dir}: {leaf}", EXIT_FAILURE)
-        raise
-
-
-def _single_leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
+        error = leaf(exc)
+        address = format_address(host, port)
+        if isinstance(error, OSError):
+            fail(f"tracker cannot run on {address} with state in {where}: {error}", EXIT_FAILURE)
+        if isinstance(error, sqlite3.Error | CatalogError):
+            fail(f"tracker catalog in {where}: {error}", EXIT_FAILURE)
+        raise error from None
 
 
 async def _serve_until_signal(
-    host: str, port: int, state_dir: Path, ttl: float, flavors: dict[str, Flavor]
+    host: str,
+    port: int,
+    state_dir: Path,
+    ttl: float,
+    flavors: dict[str, Flavor],
+    metrics_listen: tuple[str, int] | None = None,
+    *,
+    trusted_keys: tuple[bytes, ...] = (),
+    allow_unsigned: bool = False,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
             await nursery.start(
                 functools.partial(
-                    tracker.run, host, port, state_dir, announce_ttl=ttl, flavors=flavors
+                    tracker.run,
+                    host,
+                    port,
+                    state_dir,
+                    announce_ttl=ttl,
+                    flavors=flavors,
+                    metrics_listen=metrics_listen,
+                    trusted_keys=trusted_keys,
+                    allow_unsigned=allow_unsigned,
                 )
             )
             async for signum in signals:

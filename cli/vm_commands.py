@@ -1,163 +1,225 @@
 """`vmswarm flavors`, `vmswarm vms` and `vmswarm vm stop|start|delete|resize`: VMs on a host.
 
 `vms` and `vm ...` talk to the local host daemon over its control socket. `flavors` reads a
-flavors file (--flavors), else asks the tracker (--tracker / $VMSWARM_TRACKER), else the local
-daemon, else shows the built-ins.
+flavors file (--flavors), else asks the tracker (--tracker, $VMSWARM_TRACKER, cluster.tracker),
+else the local daemon, else shows the built-ins.
 """
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import trio
 import typer
 
-from ..daemon.config_files import ConfigError, load_flavors
+from ..daemon.config_files import load_flavors
 from ..daemon.control import ControlUnreachable, call_control
-from ..daemon.rpc import LINK_ERRORS, RpcError
-from ..daemon.tracker_client import TrackerClient, TrackerUnreachable
-from ..swarm.address import parse_address
-from ..swarm.flavors import FlavorError, default_flavors, flavor_list, parse_size
-from .daemon_commands import DEFAULT_CONTROL, ControlOption
-from .output import fail, human_bytes, print_json
+from ..daemon.rpc import RpcError
+from ..daemon.tracker_client import ClusterVms, TrackerClient, VmInfo
+from ..swarm.flavors import default_flavors, flavor_list, parse_size
+from .config_options import ConfigOption, ControlOption, JsonOption, TrackerOption, load
+from .output import fail, human_bytes, print_json, print_table, say
+from .tracker_commands import ask_tracker
 
-JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
-VmArgument = Annotated[str, typer.Argument(help="VM id (or a unique prefix of it) or name")]
+VmArgument = Annotated[str, typer.Argument(help="VM id (or a unique prefix of it) or name.")]
 
 vm_app = typer.Typer(
     name="vm", help="Stop, start, delete or resize a VM on this host.", no_args_is_help=True
 )
 
 
-def _control(control: Path | None) -> Path:
-    return control if control is not None else DEFAULT_CONTROL
-
-
-def _call(control: Path | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """One control call to the local daemon; every failure is one clear line."""
+def _call(
+    control: Path | None, config: Path | None, method: str, params: dict[str, Any]
+) -> dict[str, Any]:
+    """One control call to the local daemon; errors go to the one handler in cli/main.py."""
+    path = load(config, {"daemon.control": control}).control_socket()
     try:
-        return trio.run(call_control, _control(control), method, params)
-    except ControlUnreachable as exc:
-        fail(str(exc))
+        return trio.run(call_control, path, method, params)
     except RpcError as exc:
         if exc.code == "unknown_method":
-            fail(f"the daemon at {_control(control)} runs no VMs (is it a storage center?)")
-        fail(exc.message)
+            fail(f"the daemon at {path} runs no VMs (is it a storage center?)", 1)
+        raise
 
 
 # -- flavors ---------------------------------------------------------------------------------
 
 
-def _tracker_flavors(address: str) -> list[dict[str, Any]]:
-    try:
-        host, port = parse_address(address)
-    except ValueError as exc:
-        fail(f"--tracker: {exc}")
-
+def _tracker_flavors(address: tuple[str, int]) -> list[dict[str, Any]]:
     async def ask() -> list[dict[str, Any]]:
-        client = await TrackerClient.connect(host, port)
+        client = await TrackerClient.connect(*address)
         async with client:
             return await client.flavors()
 
-    try:
-        return trio.run(ask)
-    except TrackerUnreachable as exc:
-        fail(f"cannot reach tracker {address}: {exc}")
-    except LINK_ERRORS as exc:
-        fail(f"lost tracker {address}: {exc}")
-    except RpcError as exc:
-        fail(exc.message)
+    return trio.run(ask)
 
 
-def flavor_lines(flavors: list[dict[str, Any]]) -> list[str]:
-    lines = [f"{'NAME':<12} {'VCPUS':>5} {'MEMORY':>10} {'DISK':>10}  LIVE RESIZE UP TO"]
-    for f in flavors:
-        lines.append(
-            f"{f['name']:<12} {f['vcpus']:>5} {human_bytes(f['memory']):>10} "
-            f"{human_bytes(f['disk']):>10}  {f['max_vcpus']} vCPUs, {human_bytes(f['max_memory'])}"
-        )
-    return lines
+FLAVOR_HEADERS = ["NAME", "VCPUS", "MEMORY", "DISK", "LIVE RESIZE UP TO"]
+
+
+def flavor_rows(flavors: list[dict[str, Any]]) -> list[list[str]]:
+    return [
+        [
+            f["name"],
+            str(f["vcpus"]),
+            human_bytes(f["memory"]),
+            human_bytes(f["disk"]),
+            f"{f['max_vcpus']} vCPUs, {human_bytes(f['max_memory'])}",
+        ]
+        for f in flavors
+    ]
 
 
 def flavors(
     flavors_file: Annotated[
         Path | None, typer.Option("--flavors", help="Read this flavors TOML file.")
     ] = None,
-    tracker: Annotated[
-        str | None,
-        typer.Option("--tracker", envvar="VMSWARM_TRACKER", help="Ask this tracker HOST:PORT."),
-    ] = None,
+    tracker_flag: TrackerOption = None,
     control: ControlOption = None,
+    config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """List the flavors (named VM sizes) launches can use."""
+    """List the flavors (named VM sizes) launches can use: from --flavors FILE, else the tracker,
+    else the local daemon, else the built-ins."""
+    settings = load(config, {"cluster.tracker": tracker_flag, "daemon.control": control})
+    tracker: tuple[str, int] | None = settings["cluster.tracker"]
     source: str
     if flavors_file is not None:
-        try:
-            found = flavor_list(load_flavors(flavors_file))
-        except ConfigError as exc:
-            fail(str(exc))
+        found = flavor_list(load_flavors(flavors_file))
         source = str(flavors_file)
-    elif tracker:
+    elif tracker is not None:
         found = _tracker_flavors(tracker)
-        source = f"tracker {tracker}"
+        source = f"tracker {settings.where('cluster.tracker')}"
     else:
-        path = _control(control)
+        path = settings.control_socket()
         try:
             found = trio.run(call_control, path, "flavors", {})["flavors"]
             source = f"daemon {path}"
         except (ControlUnreachable, RpcError):
             found = flavor_list(default_flavors())
             source = "built-in"
-            sys.stderr.write(f"vmswarm: no daemon at {path} and no --tracker: built-in flavors\n")
+            say(f"vmswarm: no daemon at {path} and no tracker configured: built-in flavors")
     if json_output:
         print_json({"source": source, "flavors": found})
         return
-    for line in flavor_lines(found):
-        typer.echo(line)
+    print_table(FLAVOR_HEADERS, flavor_rows(found), right={"VCPUS", "MEMORY", "DISK"})
 
 
 # -- vms -------------------------------------------------------------------------------------
 
+VM_HEADERS = [
+    "VM_ID",
+    "NAME",
+    "STATE",
+    "FLAVOR",
+    "VCPUS",
+    "MEMORY",
+    "CPU",
+    "MEM USED",
+    "NET RX/TX",
+    "DISK R/W",
+    "TEMPLATE",
+]
 
-def vm_lines(vms: list[dict[str, Any]]) -> list[str]:
-    """The `vmswarm vms` table: one line per VM."""
-    if not vms:
-        return ["no VMs"]
-    lines = [
-        f"{'VM_ID':<12} {'NAME':<24} {'STATE':<9} {'FLAVOR':<8} {'VCPUS':>5} {'MEMORY':>10} "
-        f"{'CPU':>6} {'MEM USED':>10} {'NET RX/TX':>21} {'DISK R/W':>21}  TEMPLATE"
+
+def vm_rows(vms: list[dict[str, Any]]) -> list[list[str]]:
+    """The `vmswarm vms` table: one row per VM."""
+    return [
+        [
+            vm["vm_id"],
+            vm["name"],
+            vm["state"],
+            vm["flavor"],
+            str(vm["vcpus"]),
+            human_bytes(vm["memory"]),
+            f"{100 * vm['cpu_utilisation']:.1f}%",
+            human_bytes(vm["memory_bytes"]),
+            f"{human_bytes(vm['net_rx_bytes'])}/{human_bytes(vm['net_tx_bytes'])}",
+            f"{human_bytes(vm['disk_read_bytes'])}/{human_bytes(vm['disk_write_bytes'])}",
+            vm.get("template", vm["template_id"][:16]),
+        ]
+        for vm in vms
     ]
-    for vm in vms:
-        net = f"{human_bytes(vm['net_rx_bytes'])}/{human_bytes(vm['net_tx_bytes'])}"
-        disk = f"{human_bytes(vm['disk_read_bytes'])}/{human_bytes(vm['disk_write_bytes'])}"
-        lines.append(
-            f"{vm['vm_id']:<12} {vm['name'][:24]:<24} {vm['state']:<9} {vm['flavor']:<8} "
-            f"{vm['vcpus']:>5} {human_bytes(vm['memory']):>10} "
-            f"{100 * vm['cpu_utilisation']:>5.1f}% {human_bytes(vm['memory_bytes']):>10} "
-            f"{net:>21} {disk:>21}  {vm.get('template', vm['template_id'][:16])}"
-        )
-    return lines
 
 
-def vms(control: ControlOption = None, json_output: JsonOption = False) -> None:
-    """List this host's VMs with CPU, memory, network and disk figures."""
-    result = _call(control, "vms", {})
+def _cluster_vm_json(vm: VmInfo) -> dict[str, Any]:
+    return {
+        "host": vm.host,
+        "vm_id": vm.vm_id,
+        "domain": vm.domain,
+        "name": vm.name,
+        "template_id": vm.template_id.hex(),
+        "flavor": vm.flavor,
+        "state": vm.state,
+        "vcpus": vm.vcpus,
+        "memory": vm.memory,
+        **vm.stats,
+    }
+
+
+def _cluster_vms(config: Path | None, tracker_flag: str | None, json_output: bool) -> None:
+    async def query(client: TrackerClient) -> ClusterVms:
+        return await client.vms()
+
+    found = ask_tracker(config, tracker_flag, query)
+    listed = [_cluster_vm_json(vm) for vm in found.vms]
+    unreachable = [{"host": f.host, "error": f.error} for f in found.unreachable]
+    if json_output:
+        print_json({"vms": listed, "unreachable": unreachable})
+        return
+    for failure in unreachable:
+        say(f"vmswarm: host {failure['host']} did not answer: {failure['error']}")
+    if not listed:
+        typer.echo("no VMs in the cluster")
+        return
+    rows = [[vm["host"], *row] for vm, row in zip(listed, vm_rows(listed), strict=True)]
+    print_table(
+        ["HOST", *VM_HEADERS],
+        rows,
+        right={"VCPUS", "MEMORY", "CPU", "MEM USED", "NET RX/TX", "DISK R/W"},
+    )
+
+
+def vms(
+    control: ControlOption = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    cluster: Annotated[
+        bool,
+        typer.Option(
+            "--cluster", help="Every host's VMs, through the tracker, instead of this host's."
+        ),
+    ] = False,
+    tracker_flag: TrackerOption = None,
+) -> None:
+    """List this host's VMs (or with --cluster every host's) with CPU, memory, net and disk."""
+    if cluster:
+        _cluster_vms(config, tracker_flag, json_output)
+        return
+    result = _call(control, config, "vms", {})
     if json_output:
         print_json(result)
         return
     capacity = result.get("capacity")
+    title = None
     if capacity:
-        typer.echo(
+        title = (
             f"host {result.get('host') or '-'} ({result.get('domain_type') or '?'}): "
             f"{capacity['vcpus_used']}/{capacity['vcpus_total']} vCPUs, "
             f"{human_bytes(capacity['memory_used'])}/{human_bytes(capacity['memory_total'])} "
             "memory in use"
         )
-    for line in vm_lines(result["vms"]):
-        typer.echo(line)
+    if not result["vms"]:
+        if title:
+            typer.echo(title)
+        typer.echo("no VMs")
+        return
+    print_table(
+        VM_HEADERS,
+        vm_rows(result["vms"]),
+        right={"VCPUS", "MEMORY", "CPU", "MEM USED", "NET RX/TX", "DISK R/W"},
+        title=title,
+    )
 
 
 # -- vm stop|start|delete|resize -------------------------------------------------------------
@@ -174,10 +236,11 @@ def vm_stop(
         bool, typer.Option("--force", help="Power off at once instead of an ACPI shutdown.")
     ] = False,
     control: ControlOption = None,
+    config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Stop a VM: ACPI shutdown, then power off if the guest does not within the timeout."""
-    result = _call(control, "vm_stop", {"vm_id": vm, "force": force})
+    result = _call(control, config, "vm_stop", {"vm_id": vm, "force": force})
     if json_output:
         print_json(result)
         return
@@ -186,10 +249,13 @@ def vm_stop(
 
 @vm_app.command("start")
 def vm_start(
-    vm: VmArgument, control: ControlOption = None, json_output: JsonOption = False
+    vm: VmArgument,
+    control: ControlOption = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Start a stopped VM."""
-    result = _call(control, "vm_start", {"vm_id": vm})
+    result = _call(control, config, "vm_start", {"vm_id": vm})
     if json_output:
         print_json(result)
         return
@@ -198,10 +264,13 @@ def vm_start(
 
 @vm_app.command("delete")
 def vm_delete(
-    vm: VmArgument, control: ControlOption = None, json_output: JsonOption = False
+    vm: VmArgument,
+    control: ControlOption = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
 ) -> None:
     """Delete a VM: its domain and its overlay (never the template)."""
-    result = _call(control, "vm_delete", {"vm_id": vm})
+    result = _call(control, config, "vm_delete", {"vm_id": vm})
     if json_output:
         print_json(result)
         return
@@ -216,18 +285,14 @@ def vm_resize(
         str | None, typer.Option("--memory", help="New memory size, e.g. 512MiB or 2G.")
     ] = None,
     control: ControlOption = None,
+    config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
     """Change a VM's vCPUs and/or memory, live when it runs, within its flavor's maximums."""
     if vcpus is None and memory is None:
         fail("give --vcpus N and/or --memory SIZE")
-    size: int | None = None
-    if memory is not None:
-        try:
-            size = parse_size(memory, "--memory")
-        except FlavorError as exc:
-            fail(str(exc))
-    result = _call(control, "vm_resize", {"vm_id": vm, "vcpus": vcpus, "memory": size})
+    size = None if memory is None else parse_size(memory, "--memory")
+    result = _call(control, config, "vm_resize", {"vm_id": vm, "vcpus": vcpus, "memory": size})
     if json_output:
         print_json(result)
         return

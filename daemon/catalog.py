@@ -22,7 +22,8 @@ from ..swarm.manifest import Manifest
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite3"
-SCHEMA_VERSION = 1
+# 2 added templates.signature (the publisher's signature envelope, NULL: unsigned).
+SCHEMA_VERSION = 2
 CENTER_ID_LENGTH = 32  # hex of a 16-byte peer id
 
 _SCHEMA = """
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS templates (
     zero_chunks INTEGER NOT NULL,
     format TEXT NOT NULL,
     created_at REAL NOT NULL,
+    signature BLOB,
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS placement (
@@ -139,12 +141,13 @@ class Catalog:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version not in (0, SCHEMA_VERSION):
+            if version > SCHEMA_VERSION:
                 raise CatalogError(
                     f"{state_dir / CATALOG_FILE} has schema version {version}, "
                     f"this tracker knows {SCHEMA_VERSION}"
                 )
             db.executescript(_SCHEMA)
+            _migrate(db)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             return cls(db)
         except BaseException:
@@ -206,14 +209,29 @@ class Catalog:
             ).fetchone()
         return None if row is None else bytes(row[0])
 
+    def signed_manifest(self, template_id: bytes) -> tuple[bytes, bytes | None] | None:
+        """(manifest bytes, signature envelope or None if unsigned), or None if not catalogued."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT manifest, signature FROM templates WHERE template_id = ?", (template_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return bytes(row[0]), None if row[1] is None else bytes(row[1])
+
     def register(
         self,
         manifest_bytes: bytes,
         placement: Mapping[str, Iterable[int]],
         *,
+        signature: bytes | None = None,
         now: float | None = None,
     ) -> Registration:
         """Store a manifest and where its chunks are; the same content again only adds placement.
+
+        `signature` (an envelope the caller has verified) is stored with the manifest; a later
+        registration of the same content with a signature replaces it (re-signing, key rotation),
+        one without keeps it.
 
         Raises ManifestError for a bad manifest, VersionExistsError when name:version already
         names other content, BadPlacementError for a bad placement map.
@@ -254,8 +272,8 @@ class Catalog:
                 if existing is None:
                     cursor = self._db.execute(
                         "INSERT INTO templates (template_id, name, version, manifest, size,"
-                        " chunk_size, chunks, zero_chunks, format, created_at)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        " chunk_size, chunks, zero_chunks, format, created_at, signature)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             template_id,
                             entry.name,
@@ -267,10 +285,16 @@ class Catalog:
                             entry.zero_chunks,
                             entry.format,
                             entry.created_at,
+                            None if signature is None else bytes(signature),
                         ),
                     )
                     assert cursor.lastrowid is not None
                     entry = dataclasses.replace(entry, seq=cursor.lastrowid)
+                elif signature is not None:
+                    self._db.execute(
+                        "UPDATE templates SET signature = ? WHERE template_id = ?",
+                        (bytes(signature), template_id),
+                    )
                 self._db.executemany(
                     "INSERT OR REPLACE INTO placement (template_id, center_id, bits)"
                     " VALUES (?, ?, ?)",
@@ -285,6 +309,14 @@ class Catalog:
                 {**self._placement, template_id: MappingProxyType(merged)}
             )
         return Registration(template_id, created=existing is None)
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Bring a catalog written by an older tracker up to SCHEMA_VERSION (idempotent)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(templates)")}
+    if "signature" not in columns:  # schema 1: templates registered then count as unsigned
+        db.execute("ALTER TABLE templates ADD COLUMN signature BLOB")
+        log.info("catalog migrated to schema %d: templates now carry signatures", SCHEMA_VERSION)
 
 
 def _or_bytes(a: bytes, b: bytes) -> bytes:

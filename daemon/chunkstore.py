@@ -33,6 +33,7 @@ from .storeerrors import (
 DIGEST_SIZE = 32
 _MANIFEST_DIR = "manifests"
 _MANIFEST_SUFFIX = ".manifest"
+_SIGNATURE_SUFFIX = ".sig"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -243,6 +244,19 @@ class ChunkStore:
 
     def _manifest_path(self, template_id: bytes) -> Path:
         return self.directory / _MANIFEST_DIR / (template_id.hex() + _MANIFEST_SUFFIX)
+
+    def put_signature(self, template_id: bytes, signature: bytes) -> None:
+        """Keep a template's signature envelope beside its manifest (to re-register it later)."""
+        path = self._manifest_path(template_id).with_suffix(_SIGNATURE_SUFFIX)
+        atomic_write(path, signature, f"signature of {template_id.hex()}")
+
+    def get_signature(self, template_id: bytes) -> bytes | None:
+        """The signature envelope kept for a template, if any (unverified: checkers verify it)."""
+        path = self._manifest_path(template_id).with_suffix(_SIGNATURE_SUFFIX)
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
 
     def get_manifest(self, template_id: bytes) -> Manifest:
         try:

@@ -25,6 +25,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
+from .keys import generate_keypair
+
 # Not `-m vmswarm.cli.main`: that runs the module as __main__, a second copy beside the one the
 # command modules import and register on. This is exactly what the console script does.
 VMSWARM_ENTRY = "import sys; sys.argv[0] = 'vmswarm'; from vmswarm.cli.main import main; main()"
@@ -315,7 +317,11 @@ def vmswarm_script() -> Path:
 
 
 class LocalCluster:
-    """A tracker, storage centers and hosts as real processes on loopback; stop() kills them all."""
+    """A tracker, storage centers and hosts as real processes on loopback; stop() kills them all.
+
+    Template signing: with `signing=True` (or `use_signing_key`) every node trusts one publisher
+    key and `sign_args` signs a publish with it; without, every node runs with --allow-unsigned.
+    """
 
     def __init__(
         self,
@@ -327,6 +333,7 @@ class LocalCluster:
         stop_timeout: float = DEFAULT_STOP_TIMEOUT,
         command: Sequence[str] | None = None,
         cli_command: Sequence[str] | None = None,
+        signing: bool = False,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = (
@@ -343,6 +350,31 @@ class LocalCluster:
         self.centers: list[Node] = []
         self.hosts: list[Node] = []
         self._short_dir: Path | None = None
+        self.signing_key: Path | None = None
+        self.trusted_key: Path | None = None
+        if signing:
+            made = generate_keypair(self.workdir / "keys", "publisher")
+            self.use_signing_key(made.private_path, made.public_path)
+
+    # -- template signing ---------------------------------------------------------------------
+
+    def use_signing_key(self, private_key: Path, public_key: Path) -> None:
+        """Make every node started from now on trust `public_key`, and `sign_args` use the other."""
+        if self.nodes:
+            raise RuntimeError("choose the signing key before starting any node")
+        self.signing_key, self.trusted_key = private_key, public_key
+
+    @property
+    def trust_args(self) -> list[str]:
+        """What trackers and daemons accept: the cluster's publisher key, else unsigned ones."""
+        if self.trusted_key is None:
+            return ["--allow-unsigned"]
+        return ["--trusted-key", str(self.trusted_key)]
+
+    @property
+    def sign_args(self) -> list[str]:
+        """`vmswarm publish` arguments that sign with the cluster's key ([] when unsigned)."""
+        return [] if self.signing_key is None else ["--sign-key", str(self.signing_key)]
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -412,30 +444,39 @@ class LocalCluster:
             raise RuntimeError("the tracker has not been started (call start_tracker() first)")
         return self.tracker.listen_address
 
-    def start_tracker(self, *extra_args: str) -> Node:
-        """Start `vmswarm tracker run` and wait until it accepts connections."""
+    def start_tracker(self, *extra_args: str, trust: Sequence[str] | None = None) -> Node:
+        """Start `vmswarm tracker run` and wait until it accepts connections.
+
+        `trust` replaces the cluster's `trust_args` (e.g. to trust another key).
+        """
         if self.tracker is not None:
             raise RuntimeError("this cluster already has a tracker")
         port = free_port(self.host)
         state_dir = self.workdir / "tracker"
         state_dir.mkdir(parents=True, exist_ok=True)
         args = ["tracker", "run", "--listen", f"{self.host}:{port}", "--state-dir", str(state_dir)]
-        process = self._process("tracker", [*args, *extra_args])
+        trusting = self.trust_args if trust is None else list(trust)
+        process = self._process("tracker", [*args, *trusting, *extra_args])
         self.tracker = Node("tracker", "tracker", process, self.host, port, state_dir)
         process.start()
         self.wait_ready(self.tracker)
         return self.tracker
 
-    def start_center(self, name: str, *extra_args: str) -> Node:
-        """Start a storage-center daemon and wait until it is ready."""
-        return self._start_daemon(name, "storage", extra_args, self.centers)
+    def start_center(self, name: str, *extra_args: str, trust: Sequence[str] | None = None) -> Node:
+        """Start a storage-center daemon and wait until it is ready (`trust`: see start_tracker)."""
+        return self._start_daemon(name, "storage", extra_args, self.centers, trust)
 
-    def start_host(self, name: str, *extra_args: str) -> Node:
-        """Start a host daemon and wait until it is ready."""
-        return self._start_daemon(name, "host", extra_args, self.hosts)
+    def start_host(self, name: str, *extra_args: str, trust: Sequence[str] | None = None) -> Node:
+        """Start a host daemon and wait until it is ready (`trust`: see start_tracker)."""
+        return self._start_daemon(name, "host", extra_args, self.hosts, trust)
 
     def _start_daemon(
-        self, name: str, role: Role, extra_args: Sequence[str], group: list[Node]
+        self,
+        name: str,
+        role: Role,
+        extra_args: Sequence[str],
+        group: list[Node],
+        trust: Sequence[str] | None = None,
     ) -> Node:
         self._check_name(name)
         port = free_port(self.host)
@@ -455,6 +496,7 @@ class LocalCluster:
             str(data_dir),
             "--control",
             str(control),
+            *(self.trust_args if trust is None else trust),
             *extra_args,
         ]
         node = Node(name, role, self._process(name, args), self.host, port, data_dir, control)

@@ -192,6 +192,15 @@ def run_demo(
         say(f"work dir {cluster.workdir}")
         # qemu runs as libvirt-qemu and must reach the templates and overlays under it.
         cluster.workdir.chmod(0o755)
+        # What an operator does first: a publisher key; every node trusts its public half.
+        keys = cluster.workdir / "keys"
+        made = json.loads(
+            cluster.run_cli(
+                "key", "generate", "--out", str(keys), "--name", "publisher", "--json"
+            ).stdout
+        )
+        cluster.use_signing_key(Path(made["private_key"]), Path(made["public_key"]))
+        say(f"publisher key {made['key_id']} in {keys}; every node trusts only it")
         cluster.start_tracker()
         for i in range(centers):
             cluster.start_center(f"center{i + 1}")
@@ -216,6 +225,7 @@ def run_demo(
                 "1",
                 "--replicas",
                 str(replicas),
+                *cluster.sign_args,
                 "--json",
                 timeout=600,
             ).stdout

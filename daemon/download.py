@@ -27,6 +27,8 @@ from ..swarm.connection import Connection
 from ..swarm.messages import Cancel, Chunk, Handshake, Have, Reject, Request, Role
 from ..swarm.picker import Picker, PickerConfig
 from . import peer_link
+from .bans import BanList, handshake_offence
+from .limits import AddressLimits, remote_host
 from .peer_link import (
     BufferPool,
     HandshakeError,
@@ -262,8 +264,13 @@ class TemplateDownload:
         config: DownloadConfig | None = None,
         rng: random.Random | None = None,
         events: TransferEvents | None = None,
+        bans: BanList | None = None,
+        address_limits: AddressLimits | None = None,
     ) -> None:
         self.data = data
+        # Node-wide: misbehaving peers banned for a while, and connections per IP address.
+        self._bans = bans
+        self._address_limits = address_limits
         self.events = events or TransferEvents()
         self._label = f"{data.manifest.name}:{data.manifest.version}"
         # When each missing chunk was first requested: the fetch-latency histogram's start.
@@ -307,6 +314,9 @@ class TemplateDownload:
         self._next_discovery = -math.inf
         self._unavailable_since: float | None = None
         self._lost: set[int] = set()
+        # Chunks received but not stored (the disk failed or filled up), by the peer that sent
+        # them: no more requests until `retry`, which asks for them again.
+        self._unstored: set[tuple[bytes, int]] = set()
         self._verifying_image = False
         self.verified = False
         # trio times: every wanted chunk verified and written; then the whole image verified.
@@ -454,17 +464,46 @@ class TemplateDownload:
             on_sent=lambda size: self.events.chunk_sent(self._label, role_label(link.role), size),
         )
         self._all_links.add(link)
+        link.on_offence = self._ban_offender
         link.conn.set_allocator(self._buffers.take)
         try:
             return await link.run(self._send, server, chunk_tokens=self._tokens)
         finally:
             self._all_links.discard(link)
             self._retired_out += link.bytes_out
+            if link.idle_timed_out:
+                self.events.connection_dropped("idle_timeout")
+
+    def _ban_offender(self, link: PeerLink) -> None:
+        """A peer that broke the protocol or flooded us: banned node-wide for a while."""
+        assert link.offence is not None
+        log.warning("banning %r (%s): %s", link, link.offence, link.close_reason or "misbehaved")
+        if self._bans is None:
+            return
+        self._bans.ban(
+            link.offence,
+            trio.current_time(),
+            peer_id=link.peer_id,
+            host=None if link.address is None else link.address[0],
+            role=role_label(link.role),
+            detail=link.close_reason or "",
+        )
+
+    def _node_ban(self, peer_id: bytes | None, host: str | None) -> str | None:
+        """Why this peer is banned node-wide right now, or None."""
+        if self._bans is None:
+            return None
+        found = self._bans.banned(trio.current_time(), peer_id=peer_id, host=host)
+        return None if found is None else found.reason
 
     async def accept(self, stream: trio.abc.Stream, conn: Connection, their: Handshake) -> None:
         """Finish an inbound handshake for this template and run the link."""
         if their.peer_id in self.banned:
             await peer_link.refuse(stream, conn, "banned: sent corrupt chunks")
+            return
+        reason = self._node_ban(their.peer_id, None)
+        if reason is not None:
+            await peer_link.refuse(stream, conn, f"banned for a while: {reason}")
             return
         try:
             link = await peer_link.accept(
@@ -472,6 +511,18 @@ class TemplateDownload:
             )
         except HandshakeError as exc:
             log.info("inbound handshake for %s failed: %s", self.manifest.name, exc)
+            if str(exc).startswith("no bitfield within"):
+                self.events.connection_dropped("handshake_timeout")
+            offence = handshake_offence(str(exc))
+            if offence is not None and self._bans is not None:
+                self._bans.ban(
+                    offence,
+                    trio.current_time(),
+                    peer_id=their.peer_id,
+                    host=remote_host(stream),
+                    role=role_label(their.role),
+                    detail=str(exc),
+                )
             return
         await self.run_link(link)
 
@@ -484,6 +535,10 @@ class TemplateDownload:
         event = _Want(None if indices is None else tuple(indices))
         await self._send.send((None, event))
         await event.applied.wait()
+
+    def lost(self, indices: Iterable[int]) -> None:
+        """These chunks are gone from the store (a scrub dropped them): fetch them again."""
+        self._lost.update(indices)
 
     async def retry(self) -> None:
         """Forget the last failure and look for sources again now."""
@@ -540,6 +595,7 @@ class TemplateDownload:
             self._on_want(event.indices)
             event.applied.set()
         elif isinstance(event, _Retry):
+            self._resume_storing()
             self.error = None
             self._unavailable_since = None
             self._next_discovery = -math.inf
@@ -558,6 +614,10 @@ class TemplateDownload:
             return
         if pid in self.banned:
             link.close("banned: sent corrupt chunks")
+            return
+        reason = self._node_ban(pid, None)
+        if reason is not None:
+            link.close(f"banned for a while: {reason}")
             return
         old = self._peers.get(pid)
         if old is not None:
@@ -676,6 +736,9 @@ class TemplateDownload:
         if spare is not None:
             self._drop_job(spare)
         if written.error is not None:
+            # Release the request (else it waits for its timeout) and stop asking for more.
+            self._picker.rejected(pid, index)
+            self._unstored.add((pid, index))
             self._fail(f"cannot store chunk {index}: {written.error}")
             return
         refill = {pid}
@@ -758,7 +821,7 @@ class TemplateDownload:
         if record is None:
             reason = f"sent a corrupt copy of chunk {index}"
             self.banned[pid] = BanRecord(pid, link.their.listen or link.address, reason)
-            self.events.peer_banned(self._label, role_label(link.role))
+            self.events.peer_banned(self._label, role_label(link.role), "corrupt_chunk")
             log.warning("banning %r for %s: %s", link, self.manifest.name, reason)
         else:
             record.corrupt_chunks += 1
@@ -811,7 +874,8 @@ class TemplateDownload:
             lost, self._lost = self._lost, set()
             log.warning("chunks %s became unreadable here; fetching them again", sorted(lost))
             self.verified = False
-            self._on_want(None if self._want_all else ())
+            # A center wants only its share: what it lost is part of it, so fetch it back.
+            self._on_want(None if self._want_all else tuple(lost))
         self._restore_centers()
         self._fill_all()
         self.rate = self._down_meter.sample(now, self.bytes_from_centers + self.bytes_from_peers)
@@ -891,7 +955,7 @@ class TemplateDownload:
 
     def _fill(self, pid: bytes) -> None:
         peer = self._peers[pid]
-        if peer.link.closing:
+        if peer.link.closing or self._unstored:
             return
         now = trio.current_time()
         depth = self._depth
@@ -916,6 +980,14 @@ class TemplateDownload:
         ordered = sorted(self._peers.items(), key=lambda item: item[1].link.role is Role.STORAGE)
         for pid, _ in ordered:
             self._fill(pid)
+
+    def _resume_storing(self) -> None:
+        """After a failed store (e.g. a full disk) the operator retries: ask again for it all."""
+        for pid, index in self._unstored:
+            peer = self._peers.get(pid)
+            if peer is not None and index in peer.link.their_bitfield:
+                self._picker.peer_has(pid, index)
+        self._unstored.clear()
 
     # -- peers: discovery and dialing ---------------------------------------------------------
 
@@ -959,7 +1031,14 @@ class TemplateDownload:
             return
         if self._want_all and self.satisfied and not explicit:
             return
+        if self._node_ban(address.peer_id, address.host) is not None:
+            return
         if self._budget is not None and not self._budget.try_acquire():
+            return
+        limits = self._address_limits
+        if limits is not None and not limits.try_acquire(address.host):
+            if self._budget is not None:
+                self._budget.release()
             return
         self._dialing.add(key)
         self._nursery.start_soon(self._dial_task, address)
@@ -989,6 +1068,8 @@ class TemplateDownload:
         finally:
             if self._budget is not None:
                 self._budget.release()
+            if self._address_limits is not None:
+                self._address_limits.release(address.host)
 
     # -- background tasks -----------------------------------------------------------------------
 

@@ -15,8 +15,9 @@ import ctypes.util
 import logging
 import secrets
 import signal
+import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,13 @@ import trio.lowlevel
 
 from ..swarm.address import format_address
 from ..swarm.connection import Connection
+from ..swarm.errors import ManifestError
 from ..swarm.flavors import Flavor, default_flavors
 from ..swarm.manifest import Manifest
 from ..swarm.messages import PEER_ID_LENGTH, Role
 from ..swarm.rpc import is_rpc_frame_type
+from ..swarm.signature import SignatureError, TrustPolicy
+from .bans import DEFAULT_BAN_SECONDS, BanList, handshake_offence
 from .chunkstore import ChunkStore
 from .control import DEFAULT_CONTROL_NAME, control_handlers, open_control_listener
 from .download import (
@@ -41,9 +45,21 @@ from .download import (
 )
 from .imagestore import ImageStore
 from .journal import atomic_write
-from .peer_link import HANDSHAKE_TIMEOUT, HandshakeError, LocalPeer, read_handshake, refuse
+from .keys import log_trust
+from .limits import DEFAULT_PER_ADDRESS, AddressLimits, remote_host
+from .metrics import node_registry
+from .metrics_http import serve_metrics
+from .peer_link import (
+    HandshakeError,
+    LinkOptions,
+    LinkRefused,
+    LocalPeer,
+    read_handshake,
+    refuse,
+)
 from .ratelimit import limiter_for
 from .rpc import Handler, Notifier, RpcError, serve_rpc
+from .sd_notify import notify_service
 from .storeerrors import StoreCorruptError, StoreError
 from .template_sources import CenterTemplate, HostTemplate, TemplateData
 from .tracker_client import TemplateHave, TrackerUnreachable
@@ -57,6 +73,7 @@ PEER_ID_FILE = "peer_id"
 TEMPLATES_DIR = "templates"
 CHUNKS_DIR = "chunks"
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+DEFAULT_SCRUB_INTERVAL = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +96,24 @@ class NodeConfig:
     flavors: Mapping[str, Flavor] | None = None
     # False: a host trades only with storage centers (the centralized baselines of bench.cluster).
     peers: bool = True
+    # Serve Prometheus metrics at http://HOST:PORT/metrics; None: no metrics endpoint.
+    metrics_listen: tuple[str, int] | None = None
+    # Raw Ed25519 public keys whose signatures this node accepts on templates it takes in.
+    trusted_keys: tuple[bytes, ...] = ()
+    # Take templates that carry no signature at all (a signature that is there is still checked).
+    allow_unsigned: bool = False
+    # TCP connections to and from one IP address at once (max_peers caps the total).
+    max_connections_per_address: int = DEFAULT_PER_ADDRESS
+    # Bytes per second to / from each single peer; 0 is unlimited.
+    peer_upload_limit: float = 0.0
+    peer_download_limit: float = 0.0
+    # How long a peer that sent garbage, oversized frames or a flood stays banned.
+    ban_seconds: float = DEFAULT_BAN_SECONDS
+    # Seconds; None keeps download.link's (peer_link's defaults unless a test set them).
+    handshake_timeout: float | None = None
+    idle_timeout: float | None = None
+    # A storage center re-hashes every stored chunk this often (seconds; 0: only on request).
+    scrub_interval: float = DEFAULT_SCRUB_INTERVAL
 
     @property
     def control(self) -> Path:
@@ -136,6 +171,15 @@ class Node:
         self.local = LocalPeer(b"\0" * PEER_ID_LENGTH, config.role, None)
         self.templates: dict[bytes, TemplateDownload] = {}
         self.budget = ConnectionBudget(config.max_peers)
+        self.address_limits = AddressLimits(config.max_connections_per_address)
+        self.bans = BanList(
+            config.ban_seconds,
+            on_ban=lambda reason, role: self.metrics_events.peer_banned("", role, reason),
+        )
+        self.download_config = _download_config(config)
+        self.link_options = self.download_config.link or LinkOptions()
+        # Inbound connections that have not yet said what they are (capped at max_peers too).
+        self._unidentified = 0
         self.upload_slots = trio.Semaphore(config.upload_slots)
         self.upload_limit = limiter_for(config.upload_limit)
         self.chunk_store: ChunkStore | None = None
@@ -143,6 +187,12 @@ class Node:
         self.bound: tuple[str, int] | None = None
         self._nursery: trio.Nursery | None = None
         self._adding: dict[bytes, trio.Event] = {}
+        self._scrub_lock = trio.Lock()
+        self.scrubs = 0
+        self.trust = TrustPolicy.of(config.trusted_keys, allow_unsigned=config.allow_unsigned)
+        # This node's own registry (never the global one); served when config.metrics_listen is set.
+        self.metrics_registry, self.metrics_events = node_registry(self)
+        self.metrics_bound: tuple[str, int] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -151,6 +201,7 @@ class Node:
     ) -> None:
         """Serve until cancelled; `started` gets the bound TCP (host, port)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        log_trust(self.trust, f"{self.role.value} daemon")
         control = await open_control_listener(self.config.control)
         try:
             self.peer_id = load_peer_id(self.data_dir)
@@ -167,6 +218,7 @@ class Node:
                 self._holdings,
                 rack=self.config.rack,
                 capacity=lambda: None if self.vms is None else self.vms.capacity(),
+                on_connected=self._on_tracker_connected,
             )
             self.vms = self._vm_service()
             sources = await self._open_stores()
@@ -177,8 +229,14 @@ class Node:
                 await nursery.start(self.tracker.run)
                 await nursery.start(trio.serve_listeners, self._inbound, listeners)
                 await nursery.start(trio.serve_listeners, self._control_session, [control])
+                if self.config.metrics_listen is not None:
+                    self.metrics_bound = await nursery.start(
+                        serve_metrics, *self.config.metrics_listen, self.metrics_registry
+                    )
                 if self.vms is not None:
                     await nursery.start(self.vms.run)
+                if self.role is Role.STORAGE and self.config.scrub_interval > 0:
+                    nursery.start_soon(self._scrub_periodically, self.config.scrub_interval)
                 log.info(
                     "%s daemon %s listening on %s, control %s, tracker %s, %d templates",
                     self.role.value,
@@ -187,7 +245,9 @@ class Node:
                     self.config.control,
                     self.tracker.label,
                     len(self.templates),
+                    extra={"peer": self.peer_id.hex(), "listen": format_address(*self.bound)},
                 )
+                nursery.start_soon(notify_service, self._ready_status())
                 task_status.started(self.bound)
         finally:
             with trio.CancelScope(shield=True):
@@ -222,6 +282,14 @@ class Node:
             on_change=(lambda: None) if tracker is None else tracker.announce_soon,
         )
 
+    def _ready_status(self) -> str:
+        """What `systemctl status` shows once this daemon serves."""
+        assert self.bound is not None
+        return (
+            f"{self.role.value} daemon listening on {format_address(*self.bound)}, "
+            f"control {self.config.control}"
+        )
+
     def _host_label(self) -> str:
         """HOST:PORT this daemon listens on: how the tracker and `vmswarm vms` name it."""
         listen = self.local.listen
@@ -244,7 +312,13 @@ class Node:
             try:
                 found.append(HostTemplate(ImageStore(directory, manifest)))
             except StoreError as exc:
-                log.error("cannot open template %s %s: %s", manifest.name, manifest.version, exc)
+                log.error(
+                    "cannot open template %s %s: %s",
+                    manifest.name,
+                    manifest.version,
+                    exc,
+                    extra={"template": f"{manifest.name}:{manifest.version}"},
+                )
                 continue
             store = found[-1]
             assert isinstance(store, HostTemplate)
@@ -253,6 +327,7 @@ class Node:
                     "template %s: %d chunks did not survive the last stop; fetching them again",
                     manifest.name,
                     len(store.store.dropped_on_open),
+                    extra={"template": f"{manifest.name}:{manifest.version}"},
                 )
         return found
 
@@ -268,7 +343,10 @@ class Node:
             want_all=want_all,
             find_peers=self._find_peers,
             budget=self.budget,
-            config=self.config.download,
+            config=self.download_config,
+            events=self.metrics_events,
+            bans=self.bans,
+            address_limits=self.address_limits,
         )
         self.templates[download.template_id] = download
         await self._nursery.start(download.run)
@@ -297,12 +375,43 @@ class Node:
     # -- inbound TCP ---------------------------------------------------------------------------
 
     async def _inbound(self, stream: trio.SocketStream) -> None:
-        try:
-            with trio.fail_after(HANDSHAKE_TIMEOUT):
-                first = await _read_prefix(stream, 5)
-        except (trio.TooSlowError, *_STREAM_ERRORS):
+        host = remote_host(stream)
+        if host is not None and self.bans.banned(trio.current_time(), host=host) is not None:
+            self._drop("banned")
             await trio.aclose_forcefully(stream)
             return
+        if host is not None and not self.address_limits.try_acquire(host):
+            self._drop("per_address_limit")
+            log.info(
+                "refusing a connection from %s: at most %d per address",
+                host,
+                self.address_limits.per_address,
+            )
+            await trio.aclose_forcefully(stream)
+            return
+        try:
+            await self._inbound_session(stream, host)
+        finally:
+            if host is not None:
+                self.address_limits.release(host)
+
+    async def _inbound_session(self, stream: trio.SocketStream, host: str | None) -> None:
+        timeout = self.link_options.handshake_timeout
+        if self._unidentified >= self.budget.limit:
+            self._drop("total_limit")
+            await trio.aclose_forcefully(stream)
+            return
+        self._unidentified += 1
+        try:
+            with trio.fail_after(timeout):
+                first = await _read_prefix(stream, 5)
+        except trio.TooSlowError:
+            self._drop("handshake_timeout")
+            first = None
+        except _STREAM_ERRORS:
+            first = None
+        finally:
+            self._unidentified -= 1
         if first is None:
             await trio.aclose_forcefully(stream)
             return
@@ -311,15 +420,22 @@ class Node:
             return
         conn = Connection(self.role)
         if not self.budget.try_acquire():
+            self._drop("total_limit")
             await refuse(stream, conn, f"too many connections (at most {self.budget.limit})")
             return
         try:
             try:
-                with trio.fail_after(HANDSHAKE_TIMEOUT):
+                with trio.fail_after(timeout):
                     their = await read_handshake(stream, conn, first)
             except (HandshakeError, trio.TooSlowError, *_STREAM_ERRORS) as exc:
-                log.info("inbound handshake failed: %s", exc)
+                log.info("inbound handshake from %s failed: %s", host, exc or "timed out")
+                self._handshake_failed(exc, host)
                 await trio.aclose_forcefully(stream)
+                return
+            ban = self.bans.banned(trio.current_time(), peer_id=their.peer_id)
+            if ban is not None:
+                self._drop("banned")
+                await refuse(stream, conn, f"banned for a while: {ban.reason}")
                 return
             download = self.templates.get(their.template_id)
             if download is None:
@@ -332,6 +448,22 @@ class Node:
         finally:
             self.budget.release()
 
+    def _handshake_failed(self, exc: BaseException, host: str | None) -> None:
+        """Count a failed inbound handshake; ban the address if it sent garbage."""
+        if isinstance(exc, trio.TooSlowError):
+            self._drop("handshake_timeout")
+            return
+        if not isinstance(exc, HandshakeError) or isinstance(exc, LinkRefused):
+            return  # the connection broke, or the peer said Goodbye: no offence
+        message = str(exc)
+        offence = handshake_offence(message)
+        if offence is not None and host is not None:
+            log.warning("banning %s for %gs: %s", host, self.bans.duration, message)
+            self.bans.ban(offence, trio.current_time(), host=host, detail=message)
+
+    def _drop(self, reason: str) -> None:
+        self.metrics_events.connection_dropped(reason)
+
     def _tcp_handlers(self) -> dict[str, Handler]:
         if self.role is Role.STORAGE:
             return {"replicate": self._replicate}
@@ -341,6 +473,7 @@ class Node:
         handlers = control_handlers(self)
         if self.vms is not None:
             handlers = {**self.vms.handlers(), **handlers}
+        handlers["scrub"] = self._scrub_handler
         await serve_rpc(stream, handlers)
 
     # -- storage: replicate ----------------------------------------------------------------------
@@ -356,10 +489,19 @@ class Node:
             raise ValueError("manifest must be bytes")
         if type(indices) is not list or not all(type(i) is int for i in indices):
             raise ValueError("indices must be a list of chunk indices")
+        signature = params.get("signature")
+        if signature is not None and type(signature) is not bytes:
+            raise ValueError("signature must be bytes")
         addresses = [_source_address(s) for s in sources or []]
         assert self.chunk_store is not None
+        await self._check_replicated(raw, signature)
         try:
             manifest = await trio.to_thread.run_sync(self.chunk_store.put_manifest, raw)
+            if signature is not None:
+                # Kept so this center can re-register the template with a tracker that lost it.
+                await trio.to_thread.run_sync(
+                    self.chunk_store.put_signature, manifest.template_id, signature
+                )
         except StoreCorruptError as exc:
             raise RpcError("bad_manifest", str(exc)) from None
         bad = [i for i in indices if not 0 <= i < manifest.chunk_count]
@@ -390,12 +532,30 @@ class Node:
             manifest.version,
             stored,
             len(already),
+            extra={"template": f"{manifest.name}:{manifest.version}"},
         )
         return {
             "template_id": manifest.template_id,
             "stored": stored,
             "already_had": len(already),
         }
+
+    async def _check_replicated(self, raw: bytes, signature: bytes | None) -> None:
+        """A center takes in a new template only if the trust policy accepts its signature."""
+        try:
+            manifest = await trio.to_thread.run_sync(Manifest.decode, raw)
+        except ManifestError as exc:
+            raise RpcError("bad_manifest", f"manifest rejected: {exc}") from None
+        if manifest.template_id not in self.templates:  # else checked when it first came in
+            self._verify(manifest, signature)
+
+    def _verify(self, manifest: Manifest, signature: bytes | None) -> None:
+        """RpcError "untrusted_manifest" (one line naming the template and why) unless trusted."""
+        try:
+            self.trust.verify(manifest, signature, time.time())
+        except SignatureError as exc:
+            log.warning("refused: %s", exc)
+            raise RpcError("untrusted_manifest", str(exc)) from None
 
     async def _center_template(self, manifest: Manifest) -> TemplateDownload:
         existing = self.templates.get(manifest.template_id)
@@ -428,6 +588,86 @@ class Node:
         finally:
             del self._adding[template_id]
             done.set()
+
+    # -- storage: scrub and re-registration ------------------------------------------------------
+
+    async def _scrub_periodically(self, interval: float) -> None:
+        while True:
+            await trio.sleep(interval)
+            await self.scrub()
+
+    async def _scrub_handler(self, params: dict[str, Any], notifier: Notifier) -> dict[str, Any]:
+        return await self.scrub()
+
+    async def scrub(self) -> dict[str, Any]:
+        """Re-hash every stored chunk; drop the corrupt ones and fetch them back from replicas."""
+        if self.chunk_store is None:
+            raise RpcError("wrong_role", "scrub runs on storage centers; this daemon is a host")
+        store = self.chunk_store
+        async with self._scrub_lock:
+            bad = await trio.to_thread.run_sync(store.scrub)
+            self.scrubs += 1
+            repairing: list[dict[str, Any]] = []
+            for download in list(self.templates.values()):
+                if not isinstance(download.data, CenterTemplate):
+                    continue
+                lost = download.data.forget(bad)
+                if lost:
+                    download.lost(lost)
+                    manifest = download.manifest
+                    repairing.append(
+                        {"name": manifest.name, "version": manifest.version, "chunks": sorted(lost)}
+                    )
+            held = await trio.to_thread.run_sync(len, store)
+        if bad:
+            log.warning(
+                "scrub of %s: %d corrupt chunks deleted, fetching them again: %s",
+                store.directory,
+                len(bad),
+                ", ".join(digest.hex()[:16] for digest in bad),
+            )
+        else:
+            log.info("scrub of %s: %d chunks, all intact", store.directory, held)
+        return {
+            "directory": str(store.directory),
+            "chunks": held + len(bad),
+            "corrupt": [digest.hex() for digest in bad],
+            "repairing": repairing,
+        }
+
+    def _on_tracker_connected(self) -> None:
+        """The tracker is (back) up: a center makes sure the catalog lists what it holds."""
+        if self.role is Role.STORAGE and self._nursery is not None and self.templates:
+            self._nursery.start_soon(self._register_held)
+
+    async def _register_held(self) -> None:
+        # A tracker restarted without its state knows no templates; the centers still hold them.
+        assert self.tracker is not None and self.chunk_store is not None
+        store = self.chunk_store
+        for download in list(self.templates.values()):
+            manifest = download.manifest
+            signature = await trio.to_thread.run_sync(store.get_signature, manifest.template_id)
+            placement = {self.peer_id.hex(): list(download.data.have())}
+            try:
+                registered = await self.tracker.register_template(
+                    manifest.encode(), placement, signature
+                )
+            except (TrackerUnreachable, RpcError) as exc:
+                log.warning(
+                    "cannot register %s:%s with the tracker: %s",
+                    manifest.name,
+                    manifest.version,
+                    exc,
+                    extra={"template": f"{manifest.name}:{manifest.version}"},
+                )
+                continue
+            if registered.created:
+                log.info(
+                    "re-registered %s:%s with the tracker, which had lost it",
+                    manifest.name,
+                    manifest.version,
+                    extra={"template": f"{manifest.name}:{manifest.version}"},
+                )
 
     # -- host: fetch -----------------------------------------------------------------------------
 
@@ -465,6 +705,7 @@ class Node:
             "path": str(download.data.path),
             "size": manifest.size,
             "seconds": round(trio.current_time() - started, 3),
+            # Until the last chunk was verified and written; the rest is the whole-image check.
             "chunks_seconds": round(max((download.chunks_done_at or started) - started, 0.0), 3),
             "bytes_from_centers": 0 if already_here else final.bytes_from_centers,
             "bytes_from_peers": 0 if already_here else final.bytes_from_peers,
@@ -483,6 +724,8 @@ class Node:
                 return held[0]
             raise RpcError("tracker_unreachable", f"cannot look up {label}: {exc}") from None
         manifest = found.manifest
+        if manifest.template_id not in self.templates:  # else checked when it first came in
+            self._verify(manifest, found.signature)  # before a single chunk is fetched
         directory = self.data_dir / TEMPLATES_DIR
         try:
             return await self._add_template(
@@ -512,6 +755,15 @@ class Node:
             "rack": self.config.rack,
             "connections": self.budget.in_use,
             "max_peers": self.budget.limit,
+            "banned": [
+                {
+                    "peer_id": None if ban.peer_id is None else ban.peer_id.hex(),
+                    "host": ban.host,
+                    "reason": ban.reason,
+                    "seconds_left": round(ban.until - trio.current_time(), 1),
+                }
+                for ban in self.bans.entries(trio.current_time())
+            ],
             "tracker": {
                 "address": None if tracker is None else tracker.label,
                 "connected": tracker is not None and tracker.connected,
@@ -520,6 +772,19 @@ class Node:
             "templates": [d.status() for d in self.templates.values()],
             "vm_service": None if self.vms is None else self.vms.status(),
         }
+
+
+def _download_config(config: NodeConfig) -> DownloadConfig:
+    """The swarm tunables with the node's per-peer limits and timeouts put into its links."""
+    link = config.download.link or LinkOptions()
+    new = replace(
+        link,
+        upload_limit=config.peer_upload_limit or link.upload_limit,
+        download_limit=config.peer_download_limit or link.download_limit,
+        handshake_timeout=config.handshake_timeout or link.handshake_timeout,
+        idle_timeout=config.idle_timeout or link.idle_timeout,
+    )
+    return config.download if new == link else replace(config.download, link=new)
 
 
 def _progress_notice(p: Progress) -> dict[str, Any]:

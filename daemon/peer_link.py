@@ -40,6 +40,8 @@ from ..swarm.messages import (
     Request,
     Role,
 )
+from .bans import offence_of
+from .ratelimit import RateLimiter, limiter_for
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,9 @@ class LinkOptions:
     keepalive_interval: float = KEEPALIVE_INTERVAL
     idle_timeout: float = IDLE_TIMEOUT
     handshake_timeout: float = HANDSHAKE_TIMEOUT
+    # Bytes per second to and from this one peer; 0 is unlimited (and costs nothing).
+    upload_limit: float = 0.0
+    download_limit: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,13 @@ class PeerLink:
         self.chunks_in = 0
         self.chunks_out = 0
         self.close_reason: str | None = None
+        # Set when the peer misbehaved: a ban reason from bans.BAN_REASONS.
+        self.offence: str | None = None
+        # Told (once) as soon as the peer misbehaves, before its connection is closed.
+        self.on_offence: Callable[[PeerLink], None] | None = None
+        self.idle_timed_out = False
+        self.upload_limiter: RateLimiter | None = limiter_for(options.upload_limit)
+        self._download_limiter = limiter_for(options.download_limit)
         self._pending = list(pending or [])
         self._receive_size = options.receive_size
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
@@ -313,6 +325,19 @@ class PeerLink:
         self.chunks_out += 1
         return True
 
+    def offend(self, offence: str, reason: str) -> None:
+        """The peer misbehaved (`offence`, a ban reason): close the link and remember why."""
+        self.close_reason = self.close_reason or reason
+        self._offended(offence)
+        self.close(reason)
+
+    def _offended(self, offence: str | None) -> None:
+        if offence is None or self.offence is not None:
+            return
+        self.offence = offence
+        if self.on_offence is not None:
+            self.on_offence(self)
+
     def close(self, reason: str) -> None:
         """Say Goodbye(reason) and tear the link down; never blocks."""
         if self._closing:
@@ -354,6 +379,7 @@ class PeerLink:
             await trio.sleep(period)
             now = _now()
             if self.conn.idle_for(now) >= self._idle_timeout:
+                self.idle_timed_out = True
                 self.close(f"idle for {self._idle_timeout:g}s")
                 return
             if self.conn.keepalive_due(now, self._keepalive_interval) and not self._outbox:
@@ -367,6 +393,8 @@ class PeerLink:
             data = await self.stream.receive_some(self._receive_size)
             self.bytes_in += len(data)
             self.conn.receive_data(data, now=_now())
+            if self._download_limiter is not None:
+                await self._download_limiter.acquire(len(data))
             return
         target = self.conn.payload_buffer()
         if target is not None:
@@ -379,6 +407,9 @@ class PeerLink:
                 self.conn.payload_received(count, now=_now())
             else:
                 self.conn.receive_data(b"", now=_now())
+            if self._download_limiter is not None:
+                # Not reading on is what paces the sender: TCP's window closes behind us.
+                await self._download_limiter.acquire(count)
             return
         # Control messages are small: any byte may complete one.
         self._set_low_water(sock, 1)
@@ -387,6 +418,8 @@ class PeerLink:
         self.bytes_in += count
         with self._receive_view[:count] as view:
             self.conn.receive_data(view, now=_now())
+        if self._download_limiter is not None:
+            await self._download_limiter.acquire(count)
 
     def _set_low_water(self, sock: trio.socket.SocketType, size: int) -> None:
         if size != self._low_water:
@@ -498,6 +531,7 @@ class PeerLink:
         except RemoteProtocolError as exc:
             reason = f"protocol error: {exc}"
             self.close_reason = reason
+            self._offended(offence_of(str(exc)))
             await self._abort(reason)
             return reason
         except _STREAM_ERRORS as exc:

@@ -127,6 +127,7 @@ class PlacementService:
         rng: random.Random | None = None,
         launch_timeout: float = DEFAULT_LAUNCH_TIMEOUT,
         query_timeout: float = DEFAULT_QUERY_TIMEOUT,
+        on_decision: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.catalog = catalog
         self.announces = announces
@@ -137,6 +138,8 @@ class PlacementService:
         self.launch_timeout = launch_timeout
         self.query_timeout = query_timeout
         self._state = _State()
+        # Told each decision's reason, or the PlacementError code when no host fits (metrics).
+        self._on_decision = on_decision
 
     @property
     def decisions(self) -> list[LaunchRecord]:
@@ -257,7 +260,9 @@ class PlacementService:
                 rng=self._rng,
             )
         except PlacementError as exc:
+            self._on_decision(exc.code)
             raise RpcError(exc.code, exc.message) from None
+        self._on_decision(decision.reason)
         announce = next(a for a, c in hosts if c.host_id == decision.host.host_id)
         label = decision.host.label
         log.info(

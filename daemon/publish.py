@@ -17,10 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ..swarm.manifest import DEFAULT_CHUNK_SIZE, Manifest
 from ..swarm.messages import Role
 from ..swarm.placement import assign
+from ..swarm.signature import MAX_NOT_AFTER, ManifestSignature, sign_template
 from .imagefile import manifest_from_file
 from .peer_link import LocalPeer
 from .rpc import RpcClient, RpcError
@@ -31,6 +33,8 @@ from .tracker_client import CenterInfo, TrackerClient, TrackerUnreachable
 log = logging.getLogger(__name__)
 
 REPLICATE_TIMEOUT = 3600.0
+# How long a publisher's signature holds unless told otherwise: a year, then re-sign.
+DEFAULT_VALID_FOR = 365 * 86400.0
 
 
 class PublishError(Exception):
@@ -53,6 +57,7 @@ class PublishResult:
     replicas: int
     seconds: float
     centers: list[CenterResult] = field(default_factory=list)
+    signature: ManifestSignature | None = None
 
     @property
     def chunks_moved(self) -> int:
@@ -71,6 +76,8 @@ class PublishResult:
             "created": self.created,
             "chunks_moved": self.chunks_moved,
             "seconds": round(self.seconds, 3),
+            "signed_by": None if self.signature is None else self.signature.key_id.hex(),
+            "signature_expires": None if self.signature is None else self.signature.expires,
             "centers": [
                 {
                     "center_id": c.center_id,
@@ -99,6 +106,7 @@ async def _replicate(
     manifest: Manifest,
     indices: list[int],
     source: tuple[str, int],
+    signature: bytes | None = None,
 ) -> CenterResult:
     label = f"{center.host}:{center.port}"
     try:
@@ -113,6 +121,7 @@ async def _replicate(
                     "manifest": manifest.encode(),
                     "indices": indices,
                     "sources": [[source[0], source[1]]],
+                    "signature": signature,
                 },
             )
     except RpcError as exc:
@@ -140,14 +149,28 @@ async def publish(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     source_host: str | None = None,
     on_step: Callable[[str], None] | None = None,
+    signing_key: Ed25519PrivateKey | None = None,
+    valid_for: float | None = DEFAULT_VALID_FOR,
 ) -> PublishResult:
-    """Publish `image` as NAME:VERSION; see the module docstring for the order of steps."""
+    """Publish `image` as NAME:VERSION; see the module docstring for the order of steps.
+
+    With `signing_key` the template is signed, valid for `valid_for` seconds (None: no expiry);
+    the centers and the tracker check that signature against the keys they trust.
+    """
     started = time.perf_counter()
     step = on_step or (lambda _text: None)
     if replicas < 1:
         raise PublishError(f"--replicas must be at least 1, got {replicas}")
+    if valid_for is not None and valid_for <= 0:
+        raise PublishError(f"--valid-for must be positive, got {valid_for:g} seconds")
     step(f"building the manifest of {image}")
     manifest = await trio.to_thread.run_sync(manifest_from_file, image, name, version, chunk_size)
+    signature = None
+    if signing_key is not None:
+        not_after = MAX_NOT_AFTER if valid_for is None else int(time.time() + valid_for)
+        signature = sign_template(signing_key, manifest.template_id, min(not_after, MAX_NOT_AFTER))
+        step(f"signed with key {signature.key_id.hex()}, valid until {signature.expires}")
+    envelope = None if signature is None else signature.encode()
     try:
         client = await TrackerClient.connect(*tracker)
     except TrackerUnreachable as exc:
@@ -177,7 +200,9 @@ async def publish(
                 async def one(center: CenterInfo) -> None:
                     indices = placement.get(center.peer_id.hex(), [])
                     if indices:
-                        results.append(await _replicate(center, manifest, indices, source))
+                        results.append(
+                            await _replicate(center, manifest, indices, source, envelope)
+                        )
 
                 async with trio.open_nursery() as workers:
                     for center in centers:
@@ -185,7 +210,7 @@ async def publish(
                 nursery.cancel_scope.cancel()
         finally:
             data.close()
-        registered = await client.register_template(manifest, placement)
+        registered = await client.register_template(manifest, placement, signature=envelope)
     log.info("published %s:%s as %s", name, version, manifest.template_id.hex())
     return PublishResult(
         manifest=manifest,
@@ -193,6 +218,7 @@ async def publish(
         replicas=min(replicas, len(centers)),
         seconds=time.perf_counter() - started,
         centers=sorted(results, key=lambda c: c.address),
+        signature=signature,
     )
 
 

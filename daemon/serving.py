@@ -55,6 +55,7 @@ class ChunkServer:
         upload_slots: trio.Semaphore,
         *,
         max_queued: int = MAX_QUEUED_REQUESTS,
+        flood_rejects: int | None = None,
         on_lost: Callable[[int], None] | None = None,
         rate_limit: RateLimiter | None = None,
         buffers: BufferPool | None = None,
@@ -67,6 +68,10 @@ class ChunkServer:
         self.data = data
         self.upload_slots = upload_slots
         self.max_queued = max_queued
+        # Full-queue rejects over the link's life before the peer counts as flooding us: a sane
+        # peer never overfills the queue, so as many again as the queue holds is no accident.
+        self.flood_rejects = max_queued if flood_rejects is None else flood_rejects
+        self.overflowed = 0
         self.on_lost = on_lost
         self.served_chunks = 0
         self.served_bytes = 0
@@ -82,6 +87,10 @@ class ChunkServer:
         if index in self._queue or index in self._started:
             return
         if len(self._queue) >= self.max_queued:
+            self.overflowed += 1
+            if self.overflowed > self.flood_rejects:
+                self.link.offend("request_flood", f"request flood: over {self.max_queued} queued")
+                return
             self._reject(index, f"too many queued requests (at most {self.max_queued})")
             return
         self._queue[index] = None
@@ -197,6 +206,8 @@ class ChunkServer:
                 if self.rate_limit is not None:
                     # Shared by every upload of the node: paced before the bytes go out.
                     await self.rate_limit.acquire(size)
+                if self.link.upload_limiter is not None:
+                    await self.link.upload_limiter.acquire(size)
                 if index not in self._cancelled and await self._send(index, payload):
                     self.served_chunks += 1
                     self.served_bytes += size

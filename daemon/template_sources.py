@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -181,6 +182,17 @@ class CenterTemplate:
         with self._lock:
             for index in self._by_digest.get(digest, ()):
                 self._have.discard(index)
+
+    def forget(self, digests: Iterable[bytes]) -> list[int]:
+        """Stop counting these digests as present (a scrub deleted them); the indices lost."""
+        lost: list[int] = []
+        with self._lock:
+            for digest in digests:
+                for index in self._by_digest.get(digest, ()):
+                    if index in self._have:
+                        self._have.discard(index)
+                        lost.append(index)
+        return lost
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         if not self._manifest.chunk_matches(index, data):

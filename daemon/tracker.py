@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,19 @@ from ..swarm.bitfield import Bitfield
 from ..swarm.errors import ManifestError
 from ..swarm.flavors import Flavor, default_flavors
 from ..swarm.handout import PeerRecord, rank_peers
+from ..swarm.manifest import Manifest
 from ..swarm.messages import Role
 from ..swarm.rpc import MAX_RPC_FRAME
+from ..swarm.signature import MAX_ENVELOPE_BYTES, SignatureError, TrustPolicy
 from ..swarm.vm_placement import CAPACITY_KEYS, HostCapacity
 from .announces import AnnounceTable, Holding, PeerAnnounce
 from .catalog import Catalog, CatalogError, TemplateEntry
+from .keys import log_trust
+from .metrics import TrackerCollector, TrackerMetrics, new_registry
+from .metrics_http import serve_metrics
 from .placement_service import HostCaller, PlacementService, call_host
 from .rpc import Handler, Notifier, RpcError, serve_rpc
+from .sd_notify import notify_service
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +134,17 @@ class Tracker:
         rng: random.Random | None = None,
         flavors: Mapping[str, Flavor] | None = None,
         host_caller: HostCaller = call_host,
+        trust: TrustPolicy | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        on_announce: Callable[[Role], None] = lambda role: None,
+        on_placement: Callable[[str], None] = lambda reason: None,
     ) -> None:
         self.catalog = catalog
+        # Metrics hooks: an accepted announce (by role), a placement decision (by reason).
+        self._on_announce = on_announce
+        # Secure by default: without a policy, only templates signed by a trusted key (none).
+        self.trust = trust if trust is not None else TrustPolicy.of(())
+        self._wall_clock = wall_clock  # signature expiry is wall-clock time, not trio's clock
         self.announces = AnnounceTable(announce_ttl)
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
@@ -139,6 +156,7 @@ class Tracker:
             self._now,
             host_caller=host_caller,
             rng=self._rng,
+            on_decision=on_placement,
         )
 
     @property
@@ -170,12 +188,19 @@ class Tracker:
         try:
             await serve_rpc(stream, self.handlers(remote_host))
         except Exception:  # one client's failure must never stop the tracker
-            log.exception("tracker session with %s failed", remote_host)
+            log.exception(
+                "tracker session with %s failed", remote_host, extra={"remote": remote_host}
+            )
 
     def _now(self) -> float:
         now = self._clock()
         for gone in self.announces.expire(now):
-            log.info("peer %s (%s) expired", gone.peer_id.hex(), gone.role.value)
+            log.info(
+                "peer %s (%s) expired",
+                gone.peer_id.hex(),
+                gone.role.value,
+                extra={"peer": gone.peer_id.hex(), "role": gone.role.value},
+            )
         return now
 
     # --- announces ---
@@ -206,6 +231,7 @@ class Tracker:
         fresh = self.announces.update(
             PeerAnnounce(peer_id, role, (host, port), rack, holdings, now, capacity)
         )
+        self._on_announce(role)
         if fresh:
             log.info(
                 "new peer %s: %s at %s rack %s, %d templates",
@@ -214,6 +240,11 @@ class Tracker:
                 format_address(host, port),
                 rack or "-",
                 len(holdings),
+                extra={
+                    "peer": peer_id.hex(),
+                    "role": role.value,
+                    "address": format_address(host, port),
+                },
             )
         return {"interval": self.interval}
 
@@ -371,13 +402,23 @@ class Tracker:
         for center_id, indices in placement.items():
             if type(center_id) is not str or type(indices) is not list:
                 raise _bad("param 'placement' must map center id hex to a list of chunk indices")
+        signature: bytes | None = _param(params, "signature", (bytes,), optional=True)
+        if signature is not None and len(signature) > MAX_ENVELOPE_BYTES:
+            raise _bad("signature too large")
         async with self._register_lock:
             try:
+                decoded = await trio.to_thread.run_sync(Manifest.decode, manifest)
+                self.trust.verify(decoded, signature, self._wall_clock())
                 registration = await trio.to_thread.run_sync(
-                    self.catalog.register, manifest, placement
+                    functools.partial(
+                        self.catalog.register, manifest, placement, signature=signature
+                    )
                 )
             except ManifestError as exc:
                 raise RpcError("bad_manifest", f"manifest rejected: {exc}") from None
+            except SignatureError as exc:
+                log.warning("refused to register: %s", exc)
+                raise RpcError("untrusted_manifest", str(exc)) from None
             except CatalogError as exc:
                 raise RpcError(exc.code, str(exc)) from None
         entry = self.catalog.entry(registration.template_id)
@@ -391,6 +432,10 @@ class Tracker:
             entry.chunks,
             entry.format,
             len(placement),
+            extra={
+                "template": f"{entry.name}:{entry.version}",
+                "template_id": entry.template_id.hex(),
+            },
         )
         return {"template_id": registration.template_id, "created": registration.created}
 
@@ -405,8 +450,11 @@ class Tracker:
         if entry is None:
             label = name if version is None else f"{name}:{version}"
             raise RpcError("unknown_template", f"no template {label!r} in the catalog")
-        manifest = await trio.to_thread.run_sync(self.catalog.manifest_bytes, entry.template_id)
-        return {**_entry_info(entry), "manifest": manifest}
+        stored = await trio.to_thread.run_sync(self.catalog.signed_manifest, entry.template_id)
+        assert stored is not None  # catalog entries are never removed
+        manifest, signature = stored
+        # Hosts check the signature themselves: the tracker is not their root of trust.
+        return {**_entry_info(entry), "manifest": manifest, "signature": signature}
 
 
 def _entry_info(entry: TemplateEntry) -> Params:
@@ -431,12 +479,32 @@ async def run(
     announce_ttl: float = DEFAULT_ANNOUNCE_TTL,
     rng: random.Random | None = None,
     flavors: Mapping[str, Flavor] | None = None,
+    metrics_listen: tuple[str, int] | None = None,
+    trusted_keys: tuple[bytes, ...] = (),
+    allow_unsigned: bool = False,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the tracker until cancelled; `task_status.started` gets the bound (host, port)."""
+    """Serve the tracker until cancelled; `task_status.started` gets the bound (host, port).
+
+    Templates must be signed by one of `trusted_keys` (raw Ed25519 public keys), or unsigned
+    with `allow_unsigned`.
+    """
+    trust = TrustPolicy.of(trusted_keys, allow_unsigned=allow_unsigned)
+    log_trust(trust, "tracker")
     catalog = await trio.to_thread.run_sync(Catalog.open, Path(state_dir))
     try:
-        tracker = Tracker(catalog, announce_ttl=announce_ttl, rng=rng, flavors=flavors)
+        registry = new_registry()
+        counters = TrackerMetrics(registry)
+        tracker = Tracker(
+            catalog,
+            announce_ttl=announce_ttl,
+            rng=rng,
+            flavors=flavors,
+            trust=trust,
+            on_announce=counters.announced,
+            on_placement=counters.placed,
+        )
+        registry.register(TrackerCollector(tracker.announces, catalog))
         listeners = await trio.open_tcp_listeners(listen_port, host=listen_host or None)
         sockname = listeners[0].socket.getsockname()
         bound = (str(sockname[0]), int(sockname[1]))
@@ -446,9 +514,13 @@ async def run(
             Path(state_dir),
             len(catalog.entries()),
             announce_ttl,
+            extra={"listen": format_address(*bound)},
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, tracker.serve_connection, listeners)
+            if metrics_listen is not None:
+                await nursery.start(serve_metrics, *metrics_listen, registry)
+            nursery.start_soon(notify_service, f"tracker listening on {format_address(*bound)}")
             task_status.started(bound)
     finally:
         catalog.close()

@@ -74,10 +74,15 @@ class TemplateInfo:
 
 @dataclass(frozen=True)
 class LookupResult:
-    """A template found by name: its catalog entry and its decoded, id-checked manifest."""
+    """A template found by name: its catalog entry and its decoded, id-checked manifest.
+
+    `signature` is the publisher's signature envelope as the tracker stored it (None: unsigned);
+    the caller verifies it against its own trusted keys.
+    """
 
     info: TemplateInfo
     manifest: Manifest
+    signature: bytes | None = None
 
     @property
     def template_id(self) -> bytes:
@@ -450,12 +455,20 @@ class TrackerClient:
         return peers
 
     async def register_template(
-        self, manifest: Manifest | bytes, placement: Mapping[str, Iterable[int]]
+        self,
+        manifest: Manifest | bytes,
+        placement: Mapping[str, Iterable[int]],
+        *,
+        signature: bytes | None = None,
     ) -> Registered:
-        """Add a manifest and its chunk placement ({center id hex: [index]}) to the catalog."""
+        """Add a manifest, its placement ({center id hex: [index]}) and signature to the catalog.
+
+        RpcError "untrusted_manifest" when the tracker refuses the signature (or its absence).
+        """
         params = {
             "manifest": manifest.encode() if isinstance(manifest, Manifest) else manifest,
             "placement": {center: list(indices) for center, indices in placement.items()},
+            "signature": signature,
         }
         registered: Registered = await self._parsed(
             "register_template",
@@ -478,7 +491,10 @@ class TrackerClient:
             manifest = Manifest.decode(_get(result, "manifest", bytes))
             if manifest.template_id != info.template_id:
                 raise ValueError("manifest does not match its template id")
-            return LookupResult(info, manifest)
+            signature = result.get("signature")
+            if signature is not None and not isinstance(signature, bytes):
+                raise TypeError("field 'signature' is not bytes")
+            return LookupResult(info, manifest, signature)
 
         found: LookupResult = await self._parsed(
             "lookup", {"name": name, "version": version}, parse

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import trio
 
@@ -18,7 +18,13 @@ from ..swarm.bitfield import Bitfield
 from .download import PeerAddress
 from .peer_link import LocalPeer
 from .rpc import RpcError
-from .tracker_client import LookupResult, TemplateHave, TrackerClient, TrackerUnreachable
+from .tracker_client import (
+    LookupResult,
+    Registered,
+    TemplateHave,
+    TrackerClient,
+    TrackerUnreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ class TrackerLink:
         *,
         rack: str | None = None,
         capacity: Capacity | None = None,
+        on_connected: Callable[[], None] | None = None,
         connect_timeout: float = 5.0,
         call_timeout: float = 15.0,
         max_backoff: float = MAX_BACKOFF,
@@ -53,6 +60,8 @@ class TrackerLink:
         self.rack = rack
         self._holdings = holdings
         self._capacity = capacity
+        # Called each time an announce succeeds after the tracker was away (or at the first one).
+        self._on_connected = on_connected
         self._connect_timeout = connect_timeout
         self._call_timeout = call_timeout
         self._max_backoff = max_backoff
@@ -93,6 +102,17 @@ class TrackerLink:
         client = await self._get_client()
         try:
             return await client.lookup(name, version)
+        except TrackerUnreachable as exc:
+            await self._broken(client, str(exc))
+            raise
+
+    async def register_template(
+        self, manifest: bytes, placement: Mapping[str, Iterable[int]], signature: bytes | None
+    ) -> Registered:
+        """Add a held manifest to the catalog; TrackerUnreachable or RpcError."""
+        client = await self._get_client()
+        try:
+            return await client.register_template(manifest, placement, signature=signature)
         except TrackerUnreachable as exc:
             await self._broken(client, str(exc))
             raise
@@ -145,9 +165,12 @@ class TrackerLink:
                         rack=self.rack,
                         capacity=None if self._capacity is None else self._capacity(),
                     )
-                    if not self.connected:
+                    back = not self.connected
+                    if back:
                         log.info("announced to tracker %s", self.label)
                     self.connected = True
+                    if back and self._on_connected is not None:
+                        self._on_connected()
                     self.last_error = None
                     self.announces += 1
                     backoff = FIRST_BACKOFF

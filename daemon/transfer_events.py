@@ -22,8 +22,11 @@ class TransferEvents:
     def chunk_failed(self, template: str, role: str) -> None:
         """A chunk from a peer of `role` failed verification."""
 
-    def peer_banned(self, template: str, role: str) -> None:
-        """A peer of `role` was banned for sending a corrupt chunk."""
+    def peer_banned(self, template: str, role: str, reason: str = "corrupt_chunk") -> None:
+        """A peer of `role` was banned for `reason` (one of bans.BAN_REASONS)."""
+
+    def connection_dropped(self, reason: str) -> None:
+        """A connection was refused or cut for `reason` (a limit, a ban or a timeout)."""
 
     def chunk_sent(self, template: str, role: str, size: int) -> None:
         """A chunk of `size` bytes went to a peer of `role`."""

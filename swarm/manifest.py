@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import reprlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,17 @@ def zero_chunk_digest(length: int) -> bytes:
     return digest_of(bytes(length))
 
 
+# reprlib stops at a few levels: repr() of a 1000-deep decoded list raises RecursionError.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 40
+_FORMATS = frozenset(f.value for f in ImageFormat)
+
+
+def _show(value: object) -> str:
+    """A short repr of a decoded value for an error message, whatever its size or depth."""
+    return _SHORT_REPR.repr(value)[:40]
+
+
 def _is_power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
@@ -72,7 +84,7 @@ def _is_power_of_two(value: int) -> bool:
 def check_chunk_size(chunk_size: object) -> int:
     """`chunk_size` if it is a valid chunk size, else ManifestError."""
     if type(chunk_size) is not int or not _is_power_of_two(chunk_size):
-        raise ManifestError(f"chunk size must be a power of two, got {chunk_size!r:.40}")
+        raise ManifestError(f"chunk size must be a power of two, got {_show(chunk_size)}")
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ManifestError(
             f"chunk size {chunk_size} out of range {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}"
@@ -220,16 +232,16 @@ class Manifest:
             raise ManifestError(f"manifest must be a msgpack array of {_FIELD_COUNT} fields")
         magic, version, name, label, fmt, size, chunk_size, digests, zeros, digest = fields
         if magic != MAGIC:
-            raise ManifestError(f"not a vmswarm manifest (magic {magic!r:.40})")
+            raise ManifestError(f"not a vmswarm manifest (magic {_show(magic)})")
         if type(version) is not int or version != FORMAT_VERSION:
-            raise ManifestError(f"unsupported manifest format version {version!r:.40}")
-        try:
-            image_format = ImageFormat(fmt)
-        except ValueError:
-            raise ManifestError(f"unknown image format {fmt!r:.40}") from None
+            raise ManifestError(f"unsupported manifest format version {_show(version)}")
+        # Only a str can name a format; ImageFormat(x) would put repr(x) of others in its error.
+        if type(fmt) is not str or fmt not in _FORMATS:
+            raise ManifestError(f"unknown image format {_show(fmt)}")
+        image_format = ImageFormat(fmt)
         chunk_size = check_chunk_size(chunk_size)
         if type(size) is not int or not 0 <= size <= MAX_IMAGE_SIZE:
-            raise ManifestError(f"image size must be in 0..{MAX_IMAGE_SIZE}, got {size!r:.40}")
+            raise ManifestError(f"image size must be in 0..{MAX_IMAGE_SIZE}, got {_show(size)}")
         count = -(-size // chunk_size)
         if type(digests) is not bytes or len(digests) != count * DIGEST_SIZE:
             raise ManifestError(f"chunk digests must be {count} x {DIGEST_SIZE} bytes")

@@ -8,6 +8,7 @@ a flat list of msgpack-friendly fields; a `Chunk` is framed separately as raw by
 from __future__ import annotations
 
 import enum
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -31,9 +32,17 @@ class Role(enum.Enum):
     STORAGE = "storage"
 
 
+_ROLES: Mapping[str, Role] = MappingProxyType({role.value: role for role in Role})
+
+
+# reprlib stops at a few levels: repr() of a peer's 1000-deep list raises RecursionError.
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxstring = _SHORT_REPR.maxother = 60
+
+
 def _show(value: object) -> str:
-    """A short repr for error messages, so a huge peer-sent value cannot flood a log."""
-    text = repr(value)
+    """A short repr for error messages, so a huge or deep peer-sent value cannot flood a log."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -109,10 +118,10 @@ class Handshake(ControlMessage):
             if type(listen) is not list or len(listen) != 2:
                 raise RemoteProtocolError(f"listen must be [host, port], got {_show(listen)}")
             listen = (listen[0], listen[1])
-        try:
-            parsed_role = Role(role)
-        except ValueError as exc:
-            raise RemoteProtocolError(f"unknown role {_show(role)}") from exc
+        # Only a str can name a role; Role(x) would put repr(x) of any other value in its error.
+        if type(role) is not str or role not in _ROLES:
+            raise RemoteProtocolError(f"unknown role {_show(role)}")
+        parsed_role = _ROLES[role]
         try:
             return cls(version, template_id, peer_id, listen, parsed_role)
         except LocalProtocolError as exc:

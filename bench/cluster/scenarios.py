@@ -40,6 +40,7 @@ from vmswarm.daemon.cluster import (
     vmswarm_script,
 )
 from vmswarm.daemon.control import call_control
+from vmswarm.daemon.keys import generate_keypair
 from vmswarm.daemon.tracker_client import TrackerClient
 
 from . import procstat
@@ -463,10 +464,12 @@ def _run_vmswarm(
     vmswarm = vmswarm_command()
     tracker_ip = net.node(TRACKER).address
     tracker = f"{tracker_ip}:{TRACKER_PORT}"
+    key = generate_keypair(workdir / "keys")  # signed templates, as a production cluster runs
+    trust = ["--trusted-key", str(key.public_path)]
     processes.start(
         TRACKER,
         TRACKER,
-        ["tracker", "run", "--listen", tracker, "--state-dir", str(workdir / TRACKER)],
+        ["tracker", "run", "--listen", tracker, "--state-dir", str(workdir / TRACKER), *trust],
         vmswarm,
     )
     centers = list(CENTER_NAMES[: scenario.centers])
@@ -476,7 +479,8 @@ def _run_vmswarm(
     def daemon(name: str, role: str, extra: Sequence[str] = ()) -> None:
         address = f"{net.node(name).address}:{DAEMON_PORT}"
         args = ["daemon", "run", "--role", role, "--tracker", tracker, "--listen", address]
-        args += ["--data-dir", str(workdir / name), "--control", str(controls[name]), *extra]
+        args += ["--data-dir", str(workdir / name), "--control", str(controls[name]), *trust]
+        args += extra
         processes.start(name, name, args, vmswarm)
 
     # Everything starts at once, so the interpreter start-ups overlap: daemons retry the tracker
@@ -511,6 +515,8 @@ def _run_vmswarm(
         str(scenario.replicas),
         "--chunk-size",
         str(settings.chunk_size),
+        "--sign-key",
+        str(key.private_path),
         "--json",
     ]
     done = subprocess.run(

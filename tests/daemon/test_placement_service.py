@@ -416,7 +416,9 @@ async def test_launch_and_vms_over_the_wire(nursery: trio.Nursery, tmp_path: Pat
     launches: list[Params] = []
     host_port = await fake_host_daemon(nursery, launches)
     address = await nursery.start(
-        functools.partial(tracker.run, "127.0.0.1", 0, tmp_path / "state", flavors=FLAVORS)
+        functools.partial(
+            tracker.run, "127.0.0.1", 0, tmp_path / "state", flavors=FLAVORS, allow_unsigned=True
+        )
     )
     client = await TrackerClient.connect(*address)
     async with client:
@@ -455,7 +457,9 @@ async def test_a_host_that_is_gone_is_host_unreachable(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     address = await nursery.start(
-        functools.partial(tracker.run, "127.0.0.1", 0, tmp_path / "state", flavors=FLAVORS)
+        functools.partial(
+            tracker.run, "127.0.0.1", 0, tmp_path / "state", flavors=FLAVORS, allow_unsigned=True
+        )
     )
     # A port nobody listens on: bind one, then close it.
     with trio.socket.socket() as sock:

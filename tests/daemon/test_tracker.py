@@ -37,6 +37,7 @@ def have(bits: str, template_id: bytes = TID) -> TemplateHave:
 
 
 async def start_tracker(nursery: trio.Nursery, state_dir: Path, **kwargs: Any) -> tuple[str, int]:
+    kwargs.setdefault("allow_unsigned", True)  # signing: tests/daemon/test_signed_templates.py
     address: tuple[str, int] = await nursery.start(
         functools.partial(tracker.run, "127.0.0.1", 0, state_dir, rng=random.Random(7), **kwargs)
     )

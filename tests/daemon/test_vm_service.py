@@ -459,7 +459,7 @@ def test_cli_flavors_and_refusals(tmp_path: Path) -> None:
     assert table.exit_code == 0
     assert table.stdout.splitlines()[1].startswith("tiny")
     no_daemon = runner.invoke(app, ["vms", "--control", str(tmp_path / "none.sock")])
-    assert no_daemon.exit_code == 2
+    assert no_daemon.exit_code == 3  # the daemon is unreachable
     assert "no daemon control socket" in no_daemon.stderr
     nothing = runner.invoke(app, ["vm", "resize", "abc", "--control", str(tmp_path / "x")])
     assert nothing.exit_code == 2 and "--vcpus N and/or --memory SIZE" in nothing.stderr
@@ -489,6 +489,7 @@ async def test_a_host_node_launches_through_its_swarm_fetch(tmp_path: Path) -> N
                 data_dir=tmp_path / "host",
                 tracker=c.tracker,
                 control_path=tmp_path / "host.sock",
+                allow_unsigned=True,
             ),
             vm_launcher=launcher,
         )

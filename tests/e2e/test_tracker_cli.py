@@ -67,6 +67,7 @@ class Tracker:
                 str(self.state_dir),
                 "--announce-ttl",
                 "60",
+                "--allow-unsigned",  # signing: tests/e2e/test_signed_publish.py
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

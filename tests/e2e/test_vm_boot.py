@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import trio
 from vmswarm.daemon.bootdisk import build_boot_disk
 from vmswarm.daemon.cluster import LocalCluster, Node
 from vmswarm.daemon.demo_cluster import (
@@ -30,8 +29,6 @@ from vmswarm.daemon.demo_cluster import (
     vm_launch_problem,
     wait_for_marker,
 )
-from vmswarm.daemon.tracker_client import ClusterVms, TrackerClient
-from vmswarm.swarm.address import parse_address
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -76,13 +73,10 @@ def host_vms(cluster: LocalCluster, host: Node) -> list[dict[str, Any]]:
     return listed
 
 
-def cluster_vms(cluster: LocalCluster) -> ClusterVms:
-    async def ask() -> ClusterVms:
-        client = await TrackerClient.connect(*parse_address(cluster.tracker_address))
-        async with client:
-            return await client.vms()
-
-    return trio.run(ask)
+def cluster_vms(cluster: LocalCluster) -> dict[str, Any]:
+    """Every host's VMs as `vmswarm vms --cluster --json` lists them through the tracker."""
+    listed: dict[str, Any] = json.loads(cluster.run_cli("vms", "--cluster", "--json").stdout)
+    return listed
 
 
 def domain_exists(domain: str) -> bool:
@@ -147,14 +141,15 @@ def test_launch_boots_the_published_template_and_delete_cleans_up(
 
         # The tracker sees the VM; the host that now holds the template gets the next launch.
         everywhere = cluster_vms(cluster)
-        failures = "; ".join(f"{f.host}: {f.error}" for f in everywhere.unreachable)
-        seen = next((vm for vm in everywhere.vms if vm.vm_id == launched["vm_id"]), None)
+        failures = "; ".join(f"{f['host']}: {f['error']}" for f in everywhere["unreachable"])
+        seen = next((vm for vm in everywhere["vms"] if vm["vm_id"] == launched["vm_id"]), None)
         assert seen is not None, f"the tracker does not list the VM; {failures}"
-        assert (seen.host, seen.state, seen.domain) == (
+        assert (seen["host"], seen["state"], seen["domain"]) == (
             host.listen_address,
             "running",
             launched["domain"],
         )
+        assert seen["cpu_seconds"] >= 0 and seen["memory_bytes"] > 0
         wait_until_complete(cluster, "tiny:1", host)
         second = json.loads(
             cluster.run_cli("launch", "tiny:1", "--flavor", "tiny", "--json", timeout=600).stdout

@@ -1,0 +1,1 @@
+"""Coverage-guided fuzzing of the sans-IO decoders with atheris; `python -m tests.fuzz`."""
