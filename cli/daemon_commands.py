@@ -15,11 +15,9 @@ from rich.live import Live
 from ..daemon.config_files import load_flavors
 from ..daemon.control import call_control
 from ..daemon.download import DownloadConfig
-from ..daemon.logfmt import setup_logging
 from ..daemon.node import NodeConfig, run_until_signalled
 from ..daemon.settings import Settings
 from ..swarm.messages import Role
-from .config_command import print_settings
 from .config_options import (
     ConfigOption,
     ControlOption,
@@ -35,6 +33,7 @@ from .errors import leaf
 from .key_commands import AllowUnsignedOption, TrustedKeyOption
 from .output import console, fail, human_bytes, is_terminal, print_json, print_renderable
 from .progress import ProgressView
+from .run_setup import run_settings
 from .status_view import status_lines, status_renderable
 
 log = logging.getLogger("vmswarm.daemon")
@@ -117,7 +116,7 @@ def daemon_run(
     show_config: ShowConfigOption = False,
 ) -> None:
     """Run a host or storage-center daemon until SIGTERM or SIGINT."""
-    settings = load(
+    settings = run_settings(
         config,
         {
             "daemon.role": role,
@@ -141,14 +140,13 @@ def daemon_run(
             "daemon.peers": peers,
             "log.level": log_level,
             "daemon.metrics": metrics,
-            "cluster.trusted_keys": trusted_key or None,
-            "cluster.allow_unsigned": allow_unsigned or None,  # the flag can only turn it on
         },
+        trusted_key=trusted_key,
+        allow_unsigned=allow_unsigned,
+        show_config=show_config,
     )
-    if show_config:
-        print_settings(settings, json_output=False)
+    if settings is None:
         return
-    setup_logging(settings["log.level"])
     node = node_config(settings)
     if node.tracker is None:
         log.warning("no tracker configured (--tracker, cluster.tracker): running without one")

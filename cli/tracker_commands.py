@@ -16,11 +16,9 @@ import typer
 from ..daemon import tracker
 from ..daemon.catalog import CatalogError
 from ..daemon.config_files import load_flavors
-from ..daemon.logfmt import setup_logging
 from ..daemon.tracker_client import DEFAULT_CONNECT_TIMEOUT, SwarmView, TemplateInfo, TrackerClient
 from ..swarm.address import format_address
 from ..swarm.flavors import Flavor
-from .config_command import print_settings
 from .config_options import (
     ConfigOption,
     JsonOption,
@@ -34,6 +32,7 @@ from .config_options import setting_option as _option
 from .errors import EXIT_FAILURE, leaf
 from .key_commands import AllowUnsignedOption, TrustedKeyOption
 from .output import fail, human_bytes, print_json, print_table
+from .run_setup import run_settings
 
 log = logging.getLogger("vmswarm.tracker")
 
@@ -190,7 +189,7 @@ def tracker_run(
     show_config: ShowConfigOption = False,
 ) -> None:
     """Run the tracker: the template catalog, the peer handout and VM placement."""
-    settings = load(
+    settings = run_settings(
         config,
         {
             "tracker.listen": listen,
@@ -199,14 +198,13 @@ def tracker_run(
             "cluster.flavors": flavors_file,
             "log.level": log_level,
             "tracker.metrics": metrics,
-            "cluster.trusted_keys": trusted_key or None,
-            "cluster.allow_unsigned": allow_unsigned or None,  # the flag can only turn it on
         },
+        trusted_key=trusted_key,
+        allow_unsigned=allow_unsigned,
+        show_config=show_config,
     )
-    if show_config:
-        print_settings(settings, json_output=False)
+    if settings is None:
         return
-    setup_logging(settings["log.level"])
     host, port = settings["tracker.listen"]
     where: Path = settings["tracker.state_dir"]
     serve = functools.partial(

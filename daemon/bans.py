@@ -19,6 +19,7 @@ BAN_REASONS = (
     "protocol_error",
     "oversized_frame",
     "request_flood",
+    "message_flood",
     "bad_handshake",
 )
 DEFAULT_BAN_SECONDS = 600.0

@@ -343,6 +343,16 @@ class TemplateDownload:
 
     # -- public API ------------------------------------------------------------------------------
 
+    def _log_fields(self, link: PeerLink | None = None, index: int | None = None) -> dict[str, Any]:
+        """Context for a structured log line: the template, and the peer and chunk if any."""
+        fields: dict[str, Any] = {"template": self._label}
+        if link is not None:
+            fields["peer"] = link.peer_id.hex()[:16]
+            fields["role"] = role_label(link.role)
+        if index is not None:
+            fields["chunk"] = index
+        return fields
+
     @property
     def missing_chunks(self) -> int:
         """Wanted non-zero chunks not here yet (a center wants only its share)."""
@@ -477,7 +487,13 @@ class TemplateDownload:
     def _ban_offender(self, link: PeerLink) -> None:
         """A peer that broke the protocol or flooded us: banned node-wide for a while."""
         assert link.offence is not None
-        log.warning("banning %r (%s): %s", link, link.offence, link.close_reason or "misbehaved")
+        log.warning(
+            "banning %r (%s): %s",
+            link,
+            link.offence,
+            link.close_reason or "misbehaved",
+            extra=self._log_fields(link),
+        )
         if self._bans is None:
             return
         self._bans.ban(
@@ -505,6 +521,7 @@ class TemplateDownload:
         if reason is not None:
             await peer_link.refuse(stream, conn, f"banned for a while: {reason}")
             return
+        host = remote_host(stream)  # the stream is closed by the time a failure is known
         try:
             link = await peer_link.accept(
                 stream, conn, their, self.local, self.data.have(), options=self.config.link
@@ -519,7 +536,7 @@ class TemplateDownload:
                     offence,
                     trio.current_time(),
                     peer_id=their.peer_id,
-                    host=remote_host(stream),
+                    host=host,
                     role=role_label(their.role),
                     detail=str(exc),
                 )
@@ -649,13 +666,21 @@ class TemplateDownload:
         for index in have:
             if index not in up.sent and index not in link.their_bitfield:
                 link.post(Have(index))
-        log.info("link %s %r up (%d links)", self.manifest.name, link, len(self._peers))
+        log.info(
+            "link %s %r up (%d links)",
+            self.manifest.name,
+            link,
+            len(self._peers),
+            extra=self._log_fields(link),
+        )
         self._fill(pid)
 
     def _on_link_down(self, link: PeerLink, reason: str) -> None:
         if self._current(link) is None:
             return
-        log.info("link %s %r down: %s", self.manifest.name, link, reason)
+        log.info(
+            "link %s %r down: %s", self.manifest.name, link, reason, extra=self._log_fields(link)
+        )
         self._drop_peer(link.peer_id)
         self._restore_centers()
         self._fill_all()
@@ -679,7 +704,13 @@ class TemplateDownload:
     def _on_reject(self, link: PeerLink, reject: Reject) -> None:
         if self._current(link) is None:
             return
-        log.debug("%r rejected chunk %d: %s", link, reject.index, reject.reason)
+        log.debug(
+            "%r rejected chunk %d: %s",
+            link,
+            reject.index,
+            reject.reason,
+            extra=self._log_fields(link, reject.index),
+        )
         self._picker.rejected(link.peer_id, reject.index)
         self._restore_centers()
         self._fill_all()
@@ -783,7 +814,9 @@ class TemplateDownload:
             if not self.verified:
                 self._start_verify()
             return
-        log.info("template %s: every wanted chunk is here", self.manifest.name)
+        log.info(
+            "template %s: every wanted chunk is here", self.manifest.name, extra=self._log_fields()
+        )
 
     def _start_verify(self) -> None:
         if self._verifying_image:
@@ -822,7 +855,13 @@ class TemplateDownload:
             reason = f"sent a corrupt copy of chunk {index}"
             self.banned[pid] = BanRecord(pid, link.their.listen or link.address, reason)
             self.events.peer_banned(self._label, role_label(link.role), "corrupt_chunk")
-            log.warning("banning %r for %s: %s", link, self.manifest.name, reason)
+            log.warning(
+                "banning %r for %s: %s",
+                link,
+                self.manifest.name,
+                reason,
+                extra=self._log_fields(link, index),
+            )
         else:
             record.corrupt_chunks += 1
         self._picker.failed(pid, index)
@@ -836,7 +875,7 @@ class TemplateDownload:
 
     def _fail(self, reason: str) -> None:
         if self.error is None:
-            log.error("template %s: %s", self.manifest.name, reason)
+            log.error("template %s: %s", self.manifest.name, reason, extra=self._log_fields())
         self.error = reason
 
     def _on_want(self, indices: tuple[int, ...] | None) -> None:
@@ -867,7 +906,12 @@ class TemplateDownload:
             if peer is not None:
                 peer.timeouts += 1
                 peer.link.post(Cancel(index))
-                log.info("request for chunk %d to %r timed out", index, peer.link)
+                log.info(
+                    "request for chunk %d to %r timed out",
+                    index,
+                    peer.link,
+                    extra=self._log_fields(peer.link, index),
+                )
                 if peer.link.role is Role.HOST:
                     self._unmask([index])  # a slow host: let the centers have a go too
         if self._lost:

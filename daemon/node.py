@@ -73,6 +73,8 @@ PEER_ID_FILE = "peer_id"
 TEMPLATES_DIR = "templates"
 CHUNKS_DIR = "chunks"
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+# Bans `status` lists (the list itself may hold thousands during an attack).
+MAX_BANS_SHOWN = 100
 DEFAULT_SCRUB_INTERVAL = 24 * 3600.0
 
 
@@ -188,7 +190,6 @@ class Node:
         self._nursery: trio.Nursery | None = None
         self._adding: dict[bytes, trio.Event] = {}
         self._scrub_lock = trio.Lock()
-        self.scrubs = 0
         self.trust = TrustPolicy.of(config.trusted_keys, allow_unsigned=config.allow_unsigned)
         # This node's own registry (never the global one); served when config.metrics_listen is set.
         self.metrics_registry, self.metrics_events = node_registry(self)
@@ -606,7 +607,6 @@ class Node:
         store = self.chunk_store
         async with self._scrub_lock:
             bad = await trio.to_thread.run_sync(store.scrub)
-            self.scrubs += 1
             repairing: list[dict[str, Any]] = []
             for download in list(self.templates.values()):
                 if not isinstance(download.data, CenterTemplate):
@@ -762,7 +762,7 @@ class Node:
                     "reason": ban.reason,
                     "seconds_left": round(ban.until - trio.current_time(), 1),
                 }
-                for ban in self.bans.entries(trio.current_time())
+                for ban in self.bans.entries(trio.current_time())[:MAX_BANS_SHOWN]
             ],
             "tracker": {
                 "address": None if tracker is None else tracker.label,

@@ -53,6 +53,9 @@ PAYLOAD_LOW_WATER = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0
 KEEPALIVE_INTERVAL = 30.0
 IDLE_TIMEOUT = 120.0
+# Messages that carry nothing (KeepAlive, a Have already known, a late Bitfield) a peer may send
+# per keep-alive period; a sane peer sends about one, so more is a flood.
+MAX_JUNK_PER_PERIOD = 1000
 # How long a closing link may spend flushing its Goodbye to a peer that does not read.
 CLOSE_GRACE = 2.0
 
@@ -210,6 +213,7 @@ class PeerLink:
         # Told (once) as soon as the peer misbehaves, before its connection is closed.
         self.on_offence: Callable[[PeerLink], None] | None = None
         self.idle_timed_out = False
+        self._junk = 0
         self.upload_limiter: RateLimiter | None = limiter_for(options.upload_limit)
         self._download_limiter = limiter_for(options.download_limit)
         self._pending = list(pending or [])
@@ -384,6 +388,7 @@ class PeerLink:
                 return
             if self.conn.keepalive_due(now, self._keepalive_interval) and not self._outbox:
                 self.post(KeepAlive())
+            self._junk = 0
 
     # -- receiving -----------------------------------------------------------------------------
 
@@ -459,6 +464,8 @@ class PeerLink:
                 if sink is not None:
                     sink.cancel(event.index)
             elif isinstance(event, Have):
+                if event.index in self.their_bitfield and self._junked():
+                    return self.close_reason or "message flood"
                 self.their_bitfield.add(event.index)
                 if events is not None:
                     await events.send((self, event))
@@ -475,9 +482,19 @@ class PeerLink:
                     if chunk_tokens is not None:
                         chunk_tokens.release()
                     raise
-            elif isinstance(event, Reject) and events is not None:
-                await events.send((self, event))
-            # KeepAlive and a late Bitfield carry nothing for the owner.
+            elif isinstance(event, Reject):
+                if events is not None:
+                    await events.send((self, event))
+            elif self._junked():  # KeepAlive and a late Bitfield carry nothing for the owner
+                return self.close_reason or "message flood"
+
+    def _junked(self) -> bool:
+        """Count a message that carried nothing; True (and the link closing) once it is a flood."""
+        self._junk += 1
+        if self._junk <= MAX_JUNK_PER_PERIOD:
+            return False
+        self.offend("message_flood", f"message flood: over {MAX_JUNK_PER_PERIOD} empty messages")
+        return True
 
     async def run(
         self,

@@ -107,6 +107,14 @@ class ChunkServer:
         self.rejected += 1
         self.link.post(Reject(index, reason))
 
+    def _log_fields(self, index: int) -> dict[str, object]:
+        manifest = self.data.manifest
+        return {
+            "template": f"{manifest.name}:{manifest.version}",
+            "peer": self.link.peer_id.hex()[:16],
+            "chunk": index,
+        }
+
     async def _next_request(self) -> int:
         while not self._queue:
             await self._wakeup.wait()
@@ -153,12 +161,12 @@ class ChunkServer:
                 await send.send((index, payload))
                 handed_over = True
             except (ChunkAbsent, ChunkCorrupt) as exc:
-                log.warning("cannot serve chunk %d: %s", index, exc)
+                log.warning("cannot serve chunk %d: %s", index, exc, extra=self._log_fields(index))
                 self._reject(index, f"chunk {index} is not readable here")
                 if self.on_lost is not None:
                     self.on_lost(index)
             except StoreError as exc:
-                log.error("cannot serve chunk %d: %s", index, exc)
+                log.error("cannot serve chunk %d: %s", index, exc, extra=self._log_fields(index))
                 self._reject(index, f"chunk {index}: storage error here")
             finally:
                 if not handed_over:

@@ -116,6 +116,12 @@ class MessageCodec:
         cls = self._by_code.get(code)
         if cls is None:
             raise RemoteProtocolError(f"unknown message type {code:#04x}")
+        if cls.max_body is not None and len(body) > cls.max_body:
+            raise RemoteProtocolError(
+                f"{cls.__name__} body of {len(body)} bytes is over its {cls.max_body}-byte limit"
+            )
+        if cls.body_prefixes and not body.startswith(cls.body_prefixes):
+            raise RemoteProtocolError(f"malformed {cls.__name__} body: not the expected layout")
         try:
             fields = self._unpack(body)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:

@@ -12,7 +12,7 @@ import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
@@ -79,6 +79,13 @@ class Message:
 class ControlMessage(Message):
     """A small message sent as a msgpack array; subclasses register a type code with a codec."""
 
+    # Longest body a peer may send, checked before decoding: a byte of msgpack can become a
+    # 70-byte Python object, so a frame of nested empty arrays must stay small. None: the
+    # codec's frame limit only (messages whose bodies are legitimately big).
+    max_body: ClassVar[int | None] = 8192
+    # If set, a body must start with one of these (checked before decoding, like max_body).
+    body_prefixes: ClassVar[tuple[bytes, ...]] = ()
+
     def to_fields(self) -> list[Any]:
         """The msgpack array this message is sent as."""
         raise NotImplementedError
@@ -143,6 +150,10 @@ def _check_listen(listen: object) -> None:
 @dataclass(frozen=True, slots=True)
 class Bitfield(ControlMessage):
     """Which chunks the sender has, MSB-first; only allowed right after the handshake."""
+
+    # As big as the frame allows, but only ever one array holding one bin: nothing to amplify.
+    max_body: ClassVar[int | None] = None
+    body_prefixes: ClassVar[tuple[bytes, ...]] = (b"\x91\xc4", b"\x91\xc5", b"\x91\xc6")
 
     bits: bytes
 

@@ -10,7 +10,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Self
+from typing import Any, ClassVar, Literal, Self
 
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FrameReader, MessageCodec, frame_parts
@@ -59,6 +59,9 @@ def _from_fields(cls: type[Any], fields: Any, count: int) -> Any:
 class Call(ControlMessage):
     """Ask the server to run `method` with `params`."""
 
+    # RPC bodies carry manifests and listings: bounded by the RPC frame limit only.
+    max_body: ClassVar[int | None] = None
+
     call_id: int
     method: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -81,6 +84,9 @@ class Call(ControlMessage):
 class Reply(ControlMessage):
     """The successful result of call `call_id`."""
 
+    # RPC bodies carry manifests and listings: bounded by the RPC frame limit only.
+    max_body: ClassVar[int | None] = None
+
     call_id: int
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -100,6 +106,9 @@ class Reply(ControlMessage):
 @dataclass(frozen=True, slots=True)
 class Fail(ControlMessage):
     """Call `call_id` failed: a machine-readable `code` and a message for the operator."""
+
+    # RPC bodies carry manifests and listings: bounded by the RPC frame limit only.
+    max_body: ClassVar[int | None] = None
 
     call_id: int
     code: str
@@ -123,6 +132,9 @@ class Fail(ControlMessage):
 @dataclass(frozen=True, slots=True)
 class Notice(ControlMessage):
     """Progress of call `call_id` while it runs."""
+
+    # RPC bodies carry manifests and listings: bounded by the RPC frame limit only.
+    max_body: ClassVar[int | None] = None
 
     call_id: int
     event: str

@@ -21,6 +21,7 @@ from vmswarm.daemon.download import (
 from vmswarm.daemon.imagestore import ImageStore
 from vmswarm.daemon.peer_link import LocalPeer, read_handshake
 from vmswarm.daemon.template_sources import CenterTemplate, HostTemplate, TemplateData
+from vmswarm.daemon.transfer_events import TransferEvents
 from vmswarm.swarm.bitfield import Bitfield
 from vmswarm.swarm.connection import Connection
 from vmswarm.swarm.manifest import Manifest, build_manifest
@@ -156,6 +157,28 @@ def finder(addresses: list[PeerAddress]) -> PeerFinder:
     return find
 
 
+async def start_download(
+    nursery: trio.Nursery,
+    target: TemplateData,
+    sources: list[PeerAddress],
+    *,
+    config: DownloadConfig = FAST,
+    slots: int = 4,
+    events: TransferEvents | None = None,
+) -> TemplateDownload:
+    """A host's TemplateDownload of `target` from `sources`, running in `nursery`."""
+    download = TemplateDownload(
+        target,
+        peer(),
+        upload_slots=trio.Semaphore(slots),
+        find_peers=finder(sources),
+        config=config,
+        events=events,
+    )
+    await nursery.start(download.run)
+    return download
+
+
 async def fetch(
     nursery: trio.Nursery,
     target: TemplateData,
@@ -163,14 +186,7 @@ async def fetch(
     *,
     config: DownloadConfig = FAST,
 ) -> TemplateDownload:
-    download = TemplateDownload(
-        target,
-        peer(),
-        upload_slots=trio.Semaphore(4),
-        find_peers=finder(sources),
-        config=config,
-    )
-    await nursery.start(download.run)
+    download = await start_download(nursery, target, sources, config=config)
     with trio.fail_after(20):
         await download.wait_done()
     return download
@@ -284,14 +300,7 @@ async def test_silent_peer_times_out_and_request_goes_elsewhere(tmp_path: Path) 
         stalling = StallingSource(mute, gate)
         async with seeding(nursery, good) as ok, seeding(nursery, stalling) as st:
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
-            download = TemplateDownload(
-                target,
-                peer(),
-                upload_slots=trio.Semaphore(2),
-                find_peers=finder([st.address]),
-                config=config,
-            )
-            await nursery.start(download.run)
+            download = await start_download(nursery, target, [st.address], config=config, slots=2)
             with trio.fail_after(10):
                 await until(lambda: download.timeouts > 0)
                 await download.add_sources([ok.address])
@@ -320,14 +329,7 @@ async def test_no_source_fails_the_wait_with_the_chunk_index(tmp_path: Path) -> 
         partial = center_store(tmp_path / "c", data, manifest, [0, 1, 3])
         async with seeding(nursery, partial, Role.STORAGE) as s:
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
-            download = TemplateDownload(
-                target,
-                peer(),
-                upload_slots=trio.Semaphore(2),
-                find_peers=finder([s.address]),
-                config=FAST,
-            )
-            await nursery.start(download.run)
+            download = await start_download(nursery, target, [s.address], slots=2)
             with (
                 trio.fail_after(10),
                 pytest.raises(DownloadFailed, match="no source holds chunk 2"),

@@ -33,7 +33,7 @@ from vmswarm.daemon.metrics_http import (
 from vmswarm.daemon.node import Node, NodeConfig
 from vmswarm.daemon.peer_link import read_handshake
 from vmswarm.daemon.rpc import RpcError
-from vmswarm.daemon.template_sources import HostTemplate, TemplateData
+from vmswarm.daemon.template_sources import HostTemplate
 from vmswarm.daemon.tracker import Tracker
 from vmswarm.daemon.vm_service import VmService
 from vmswarm.swarm.connection import Connection
@@ -46,11 +46,11 @@ from .test_download import (
     FAST,
     PATTERN,
     center_store,
-    finder,
     host_store,
     make_image,
     peer,
     seeding,
+    start_download,
     until,
 )
 from .test_vm_service import host
@@ -108,24 +108,6 @@ def check_naming_rules(text: str) -> set[str]:
     return names
 
 
-async def start_fetch(
-    nursery: trio.Nursery,
-    target: TemplateData,
-    sources: list[PeerAddress],
-    events: MetricsEvents,
-) -> TemplateDownload:
-    download = TemplateDownload(
-        target,
-        peer(),
-        upload_slots=trio.Semaphore(4),
-        find_peers=finder(sources),
-        config=FAST,
-        events=events,
-    )
-    await nursery.start(download.run)
-    return download
-
-
 async def test_a_fetch_from_two_centers_is_counted_by_role(tmp_path: Path) -> None:
     data, manifest = make_image(PATTERN, seed=21)
     n = manifest.chunk_count
@@ -139,7 +121,9 @@ async def test_a_fetch_from_two_centers_is_counted_by_role(tmp_path: Path) -> No
             seeding(nursery, c2, Role.STORAGE) as s2,
         ):
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
-            download = await start_fetch(nursery, target, [s1.address, s2.address], events)
+            download = await start_download(
+                nursery, target, [s1.address, s2.address], events=events
+            )
             with trio.fail_after(20):
                 await download.wait_done()
             node = FakeNode(tmp_path, templates={download.template_id: download})
@@ -199,7 +183,7 @@ async def test_serving_a_host_counts_sent_bytes_and_peers(tmp_path: Path) -> Non
         await nursery.start(trio.serve_listeners, handle, listeners)
         address = PeerAddress("127.0.0.1", port, seeder.local.peer_id, Role.HOST)
         target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
-        download = await start_fetch(nursery, target, [address], leech_events)
+        download = await start_download(nursery, target, [address], events=leech_events)
         with trio.fail_after(20):
             await download.wait_done()
         node = FakeNode(tmp_path, templates={download.template_id: download})
@@ -226,15 +210,9 @@ async def test_connected_peers_and_progress_of_a_fetch_under_way(tmp_path: Path)
             seeding(nursery, c2, Role.STORAGE, config=patient) as s2,
         ):
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
-            download = TemplateDownload(
-                target,
-                peer(),
-                upload_slots=trio.Semaphore(4),
-                find_peers=finder([s1.address, s2.address]),
-                config=patient,
-                events=events,
+            download = await start_download(
+                nursery, target, [s1.address, s2.address], config=patient, events=events
             )
-            await nursery.start(download.run)
             registry.register(NodeCollector(FakeNode(tmp_path, templates={b"t": download})))
             label = f"{manifest.name}:{manifest.version}"
             with trio.fail_after(20):
@@ -265,7 +243,9 @@ async def test_a_corrupt_peer_is_counted_as_failed_and_banned(tmp_path: Path) ->
         good = host_store(tmp_path / "good", data, manifest, range(n))
         async with seeding(nursery, liar, corrupt=True) as bad, seeding(nursery, good) as ok:
             target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
-            download = await start_fetch(nursery, target, [bad.address, ok.address], events)
+            download = await start_download(
+                nursery, target, [bad.address, ok.address], events=events
+            )
             with trio.fail_after(20):
                 await download.wait_done()
             failed = value(registry, "vmswarm_chunks_failed_verification_total", role="host")

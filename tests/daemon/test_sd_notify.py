@@ -6,8 +6,7 @@ import logging
 import os
 import secrets
 import socket
-import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -68,16 +67,6 @@ class Receiver:
                 found.append(parse(self.raw.recv(4096, socket.MSG_DONTWAIT)))
             except BlockingIOError:
                 return found
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # sun_path holds 108 bytes; pytest's tmp_path can be longer than that.
-    path = Path(tempfile.mkdtemp(prefix="sdn-", dir="/tmp"))
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 def bound_receiver(address: str | bytes, notify_socket: str) -> Receiver:

@@ -242,3 +242,24 @@ def test_logfmt_setup_uses_the_level_and_keeps_one_line_per_record() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1
     assert 'msg="it broke" template=t:1 error="ValueError: bad\\nthing" traceback=' in lines[0]
+
+
+def test_the_cli_finds_the_host_units_control_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    unit_socket = tmp_path / "run" / "control.sock"
+    monkeypatch.setattr(settings_module, "SYSTEMD_HOST_CONTROL", unit_socket)
+    config = write(tmp_path, f'[daemon]\ndata_dir = "{data}"\n')
+    # Neither exists: the data directory's, so the error names where the daemon would be.
+    assert load_settings(config, env={}).control_socket() == data / "control.sock"
+    unit_socket.parent.mkdir()
+    unit_socket.touch()
+    assert load_settings(config, env={}).control_socket() == unit_socket
+    # A socket in the data directory, or a configured one, always wins.
+    (data / "control.sock").touch()
+    assert load_settings(config, env={}).control_socket() == data / "control.sock"
+    chosen = tmp_path / "chosen.sock"
+    env = {"VMSWARM_CONTROL": str(chosen)}
+    assert load_settings(config, env=env).control_socket() == chosen

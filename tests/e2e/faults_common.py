@@ -1,4 +1,4 @@
-"""Shared pieces of the fault-injection e2e tests (tests/e2e/test_faults_*.py).
+"""Shared pieces of the e2e tests that publish and fetch (tests/e2e/test_faults_*.py and others).
 
 Progress is polled with the control socket's `status` call in this process (what `vmswarm status
 --json` prints, without an interpreter start per poll); outcomes go through the real CLI.
@@ -10,7 +10,7 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,7 +38,13 @@ def make_image(path: Path, size: int, seed: int = 3, zero_fraction: float = 0.3)
     return path
 
 
-def publish(cluster: LocalCluster, image: Path, replicas: int, template: str = TEMPLATE) -> str:
+def publish(
+    cluster: LocalCluster,
+    image: Path,
+    replicas: int,
+    template: str = TEMPLATE,
+    chunk_size: int = CHUNK_SIZE,
+) -> str:
     name, version = template.split(":")
     result = cluster.run_cli(
         "publish",
@@ -52,7 +58,7 @@ def publish(cluster: LocalCluster, image: Path, replicas: int, template: str = T
         "--replicas",
         str(replicas),
         "--chunk-size",
-        str(CHUNK_SIZE),
+        str(chunk_size),
         "--json",
         *cluster.sign_args,
     )
@@ -132,15 +138,23 @@ def wait_progress(
     template_id: str,
     percent: float,
     watched: list[subprocess.Popen[str]],
+    *,
+    also: Sequence[ManagedProcess] = (),
 ) -> Status:
-    """Wait until `host` holds at least `percent` of the template; its template status then."""
+    """Wait until `host` holds at least `percent` of the template; its template status then.
+
+    Fails early if a watched fetch, the host or a process in `also` ends first."""
 
     def check() -> Status | None:
         found = template_status(host, template_id)
         return found if found is not None and found["percent"] >= percent else None
 
     return wait_for(
-        cluster, f"{percent}% on {host.name}", check, watched=watched, processes=[host.process]
+        cluster,
+        f"{percent}% on {host.name}",
+        check,
+        watched=watched,
+        processes=[host.process, *also],
     )
 
 

@@ -4,7 +4,6 @@ byte-identical, from those hosts alone (real processes through the CLI).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,12 +25,6 @@ from .faults_common import (
 pytestmark = pytest.mark.e2e
 
 IMAGE_SIZE = 16 << 20
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path / "cluster") as c:
-        yield c
 
 
 def test_hosts_complete_from_peers_after_every_center_died(

@@ -9,7 +9,6 @@ daemon will (journal replay, re-verification) and checks every chunk it marks pr
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,6 @@ pytestmark = pytest.mark.e2e
 IMAGE_SIZE = 16 << 20
 CENTER_UPLOAD_LIMIT = "2MB"
 KILL_AT_PERCENT = (30.0, 65.0)
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path / "cluster") as c:
-        yield c
 
 
 def _writing(cluster: LocalCluster, host: Node, template_id: str, percent: float) -> Status:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import blake3
@@ -29,12 +28,6 @@ from .faults_common import (
 pytestmark = pytest.mark.e2e
 
 IMAGE_SIZE = 4 << 20
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path / "cluster") as c:
-        yield c
 
 
 def _rot(center: Node, template_id: str) -> tuple[bytes, list[int]]:

@@ -11,12 +11,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vmswarm.daemon.cluster import LocalCluster, die_with_parent_preexec, free_port, vmswarm_script
+from vmswarm.daemon.cluster import LocalCluster, die_with_parent_preexec, free_port
+
+from .faults_common import finish_fetch, publish, start_fetch
 
 pytestmark = pytest.mark.e2e
 
@@ -160,12 +161,6 @@ def wait_for(
     raise AssertionError(f"{what}: {promql} is {values}, expected {expected}")
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path / "cluster") as c:
-        yield c
-
-
 def test_prometheus_scrapes_tracker_center_and_hosts(cluster: LocalCluster, tmp_path: Path) -> None:
     prometheus_binary()
     ports = {name: free_port() for name in ("tracker", "c1", *HOSTS)}
@@ -187,37 +182,11 @@ def test_prometheus_scrapes_tracker_center_and_hosts(cluster: LocalCluster, tmp_
         write_image(image)
         expected = nonzero_bytes(image)
         assert 0 < expected < IMAGE_SIZE  # the image really has zero chunks, which never travel
-        cluster.run_cli(
-            "publish",
-            str(image),
-            "--name",
-            "disk",
-            "--version",
-            "1",
-            "--tracker",
-            cluster.tracker_address,
-            "--replicas",
-            "1",
-            "--chunk-size",
-            "1MiB",
-            "--json",
-            *cluster.sign_args,
-        )
-        fetches = [
-            subprocess.Popen(
-                [str(vmswarm_script()), "fetch", "disk:1", "--json"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=cluster.cli_env(host),
-            )
-            for host in hosts
-        ]
-        fetched: dict[str, dict[str, Any]] = {}
-        for host, process in zip(hosts, fetches, strict=True):
-            out, err = process.communicate(timeout=120)
-            assert process.returncode == 0, err
-            fetched[host.name] = json.loads(out)
+        publish(cluster, image, replicas=1, chunk_size=CHUNK)
+        fetches = [start_fetch(cluster, host) for host in hosts]
+        fetched = {
+            host.name: finish_fetch(process) for host, process in zip(hosts, fetches, strict=True)
+        }
         moved = {
             name: int(r["bytes_from_centers"]) + int(r["bytes_from_peers"])
             for name, r in fetched.items()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import secrets
 import signal
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,16 +45,6 @@ class FakeSystemd:
             key, _, value = line.partition("=")
             fields[key] = value
         return fields
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # sun_path holds 108 bytes; pytest's tmp_path can be longer than that.
-    path = Path(tempfile.mkdtemp(prefix="sdn-", dir="/tmp"))
-    yield path
-    for child in path.iterdir():
-        child.unlink()
-    path.rmdir()
 
 
 @pytest.fixture(params=["path", "abstract"])

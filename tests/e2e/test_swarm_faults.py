@@ -15,110 +15,54 @@ from __future__ import annotations
 
 import json
 import secrets
-import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import blake3
 import pytest
-import trio
-from vmswarm.daemon.cluster import LocalCluster, ManagedProcess, Node, vmswarm_script
-from vmswarm.daemon.control import call_control
+from vmswarm.daemon.cluster import LocalCluster, ManagedProcess, Node
 from vmswarm.daemon.imagestore import ImageStore
-from vmswarm.daemon.mixed_image import write_mixed_image
 from vmswarm.swarm.manifest import Manifest
+
+from .faults_common import (
+    FETCH_TIMEOUT,
+    TEMPLATE,
+    Status,
+    check_identical,
+    control_status,
+    fetch,
+    finish_fetch,
+    make_image,
+    nonzero_bytes,
+    publish,
+    sigkill,
+    start_fetch,
+    stored_manifest,
+    wait_for,
+    wait_progress,
+)
 
 pytestmark = pytest.mark.e2e
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IMAGE_SIZE = 16 << 20
-ZERO_FRACTION = 0.3
-# Small chunks: progress moves in fine steps, so a kill lands close to where it was aimed.
-CHUNK_SIZE = 256 << 10
-TEMPLATE = "disk:1"
-# This seed gives 15 all-zero chunks of 64: zero chunks never travel, and the counts show it.
+# This seed gives 15 all-zero chunks of 64 (256 KiB chunks): zero chunks never travel.
 IMAGE_SEED = 3
 # Per center: slow enough that a fetch lasts seconds, fast enough that the file stays short.
 CENTER_UPLOAD_LIMIT = "2MB"
-# Bounds on waiting for something observable (a progress point, a fetch's end); never asserted.
-PROGRESS_DEADLINE = 60.0
-FETCH_TIMEOUT = 120.0
-POLL_INTERVAL = 0.05
-
-Status = dict[str, Any]
 
 
 # -- helpers ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
-    """A cluster with nothing started yet (each test starts its tracker with its options)."""
-    with LocalCluster(tmp_path / "cluster") as c:
-        yield c
-
-
 def _image(tmp_path: Path) -> Path:
-    path = tmp_path / "disk.raw"
-    write_mixed_image(path, IMAGE_SIZE, zero_fraction=ZERO_FRACTION, seed=IMAGE_SEED)
-    return path
+    return make_image(tmp_path / "disk.raw", IMAGE_SIZE, seed=IMAGE_SEED, zero_fraction=0.3)
 
 
 def _start_centers(
     cluster: LocalCluster, count: int, upload_limit: str = CENTER_UPLOAD_LIMIT
 ) -> list[Node]:
     return [cluster.start_center(f"c{i}", "--upload-limit", upload_limit) for i in range(count)]
-
-
-def _publish(cluster: LocalCluster, image: Path, replicas: int) -> str:
-    name, version = TEMPLATE.split(":")
-    result = cluster.run_cli(
-        "publish",
-        str(image),
-        "--name",
-        name,
-        "--version",
-        version,
-        "--tracker",
-        cluster.tracker_address,
-        "--replicas",
-        str(replicas),
-        "--chunk-size",
-        str(CHUNK_SIZE),
-        "--json",
-    )
-    template_id: str = json.loads(result.stdout)["template_id"]
-    return template_id
-
-
-def _start_fetch(cluster: LocalCluster, host: Node) -> subprocess.Popen[str]:
-    """`vmswarm fetch disk:1 --json` on `host`, running in the background."""
-    return subprocess.Popen(
-        [str(vmswarm_script()), "fetch", TEMPLATE, "--json"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cluster.cli_env(host),
-    )
-
-
-def _finish_fetch(process: subprocess.Popen[str]) -> dict[str, Any]:
-    out, err = process.communicate(timeout=FETCH_TIMEOUT)
-    assert process.returncode == 0, f"fetch failed ({process.returncode}): {err.strip()}"
-    result: dict[str, Any] = json.loads(out)
-    return result
-
-
-def _control_status(node: Node) -> Status:
-    """The daemon's `status` control call (what `vmswarm status --json` prints)."""
-    assert node.control is not None
-    result: Status = trio.run(call_control, node.control, "status", {})
-    return result
 
 
 def _cli_status(cluster: LocalCluster, node: Node) -> Status:
@@ -132,30 +76,8 @@ def _template(status: Status, template_id: str) -> Status:
     return found[0]
 
 
-def _wait_for(
-    cluster: LocalCluster,
-    what: str,
-    check: Callable[[], Status | None],
-    watched: list[subprocess.Popen[str]] | None = None,
-    processes: list[ManagedProcess] | None = None,
-) -> Status:
-    """Poll `check` until it returns a status; fail early if a watched fetch or process ends."""
-    deadline = time.monotonic() + PROGRESS_DEADLINE
-    while True:
-        for fetch in watched or []:
-            if fetch.poll() is not None:
-                out, err = fetch.communicate()
-                pytest.fail(f"a fetch ended before {what}: rc={fetch.returncode} {out} {err}")
-        for process in processes or []:
-            if not process.running:
-                pytest.fail(f"{process.name} died before {what}:\n{process.log_tail(20)}")
-        found = check()
-        if found is not None:
-            return found
-        if time.monotonic() > deadline:
-            logs = "\n".join(f"--- {name}\n{tail}" for name, tail in cluster.iter_logs())
-            pytest.fail(f"no {what} within {PROGRESS_DEADLINE}s\n{logs}")
-        time.sleep(POLL_INTERVAL)
+def _tracker(cluster: LocalCluster) -> list[ManagedProcess]:
+    return [cluster.tracker.process] if cluster.tracker is not None else []
 
 
 def _wait_progress(
@@ -165,58 +87,19 @@ def _wait_progress(
     percent: float,
     watched: list[subprocess.Popen[str]],
 ) -> Status:
-    """Wait until `host` holds at least `percent` of the template; its template status then."""
-
-    def check() -> Status | None:
-        status = _control_status(host)
-        held: list[Status] = [t for t in status["templates"] if t["template_id"] == template_id]
-        if held and held[0]["percent"] >= percent:
-            return held[0]
-        return None
-
-    return _wait_for(
-        cluster, f"{percent}% on {host.name}", check, watched, [host.process, *_tracker(cluster)]
-    )
+    """wait_progress that also fails early if the tracker dies."""
+    return wait_progress(cluster, host, template_id, percent, watched, also=_tracker(cluster))
 
 
-def _tracker(cluster: LocalCluster) -> list[ManagedProcess]:
-    return [cluster.tracker.process] if cluster.tracker is not None else []
-
-
-def _stored_manifest(host: Node, template_id: str) -> Manifest:
-    path = host.data_dir / "templates" / f"{template_id}.manifest"
-    manifest = Manifest.decode(path.read_bytes())
-    assert manifest.template_id.hex() == template_id
-    return manifest
-
-
-def _file_digest(path: Path) -> bytes:
-    hasher = blake3.blake3()
-    with path.open("rb") as f:
-        while block := f.read(8 << 20):
-            hasher.update(block)
-    return hasher.digest()
-
-
-def _check_identical(result: dict[str, Any], host: Node, template_id: str, original: Path) -> None:
-    """The fetched file hashes to the manifest's whole-image digest (and to the original)."""
-    assert result["template_id"] == template_id
+def _check_identical(result: Status, host: Node, template_id: str, original: Path) -> None:
     assert result["size"] == IMAGE_SIZE
-    manifest = _stored_manifest(host, template_id)
-    digest = _file_digest(Path(result["path"]))
-    assert digest == manifest.digest, f"{host.name}: image differs from the manifest's digest"
-    assert digest == _file_digest(original)
+    check_identical(result, host, template_id, original)
 
 
 def _port(peer: Status) -> int | None:
     """The listening port a linked peer announced in its handshake (None if it has none)."""
     listen = peer["listen"]
     return None if listen is None else int(listen[1])
-
-
-def _sigkill(process: ManagedProcess) -> None:
-    process.kill(signal.SIGKILL)
-    assert process.wait(10) == -signal.SIGKILL
 
 
 # -- 1. a storage center dies --------------------------------------------------------------
@@ -229,9 +112,9 @@ def test_center_killed_mid_fetch_is_covered_by_replicas_and_peers(
     centers = _start_centers(cluster, 3)
     hosts = [cluster.start_host(f"h{i}") for i in range(3)]
     image = _image(tmp_path)
-    template_id = _publish(cluster, image, replicas=2)
+    template_id = publish(cluster, image, replicas=2)
 
-    fetches = [_start_fetch(cluster, host) for host in hosts]
+    fetches = [start_fetch(cluster, host) for host in hosts]
     watched = _wait_progress(cluster, hosts[0], template_id, 30.0, fetches)
     assert not watched["complete"]
     # Kill the center this host is getting the most from right now: its loss must show.
@@ -241,15 +124,15 @@ def test_center_killed_mid_fetch_is_covered_by_replicas_and_peers(
     busiest = max(serving, key=lambda p: p["bytes_in"])
     assert busiest["bytes_in"] > 0
     victim = next(center for center in centers if center.port == _port(busiest))
-    _sigkill(victim.process)
+    sigkill(victim.process)
 
-    results = [_finish_fetch(fetch) for fetch in fetches]
+    results = [finish_fetch(running) for running in fetches]
     for host, result in zip(hosts, results, strict=True):
         _check_identical(result, host, template_id, image)
     assert not victim.process.running
     # Every host lost the victim: what it got after the kill came from the others.
     for host in hosts:
-        template = _template(_control_status(host), template_id)
+        template = _template(control_status(host), template_id)
         assert template["complete"] and template["percent"] == 100.0
         assert all(_port(p) != victim.port for p in template["peers"])
 
@@ -278,28 +161,27 @@ def test_host_killed_mid_fetch_refetches_only_chunks_it_did_not_hold(
     _start_centers(cluster, 2)
     host = cluster.start_host("h0")
     image = _image(tmp_path)
-    template_id = _publish(cluster, image, replicas=1)
+    template_id = publish(cluster, image, replicas=1)
 
-    fetch = _start_fetch(cluster, host)
-    before = _wait_progress(cluster, host, template_id, 40.0, [fetch])
+    interrupted = start_fetch(cluster, host)
+    before = _wait_progress(cluster, host, template_id, 40.0, [interrupted])
     assert not before["complete"]
-    _sigkill(host.process)
-    _, err = fetch.communicate(timeout=FETCH_TIMEOUT)
-    assert fetch.returncode != 0 and "vmswarm: error:" in err
+    sigkill(host.process)
+    _, err = interrupted.communicate(timeout=FETCH_TIMEOUT)
+    assert interrupted.returncode != 0 and "vmswarm: error:" in err
 
-    manifest = _stored_manifest(host, template_id)
+    manifest = stored_manifest(host, template_id)
     durable = _durable_chunks(host, manifest)
     # Nothing the daemon reported verified before the kill was lost by it.
     assert len(durable) >= before["chunks_held"]
     nonzero = [i for i in range(manifest.chunk_count) if not manifest.is_zero(i)]
     missing = [i for i in nonzero if i not in durable]
-    missing_bytes = sum(manifest.chunk_range(i)[1] for i in missing)
-    total_bytes = sum(manifest.chunk_range(i)[1] for i in nonzero)
+    missing_bytes = nonzero_bytes(manifest, missing)
+    total_bytes = nonzero_bytes(manifest)
     assert 0 < missing_bytes < total_bytes, "the kill did not land mid-fetch"
 
     cluster.restart(host)
-    result = cluster.run_cli("fetch", TEMPLATE, "--json", node=host, timeout=FETCH_TIMEOUT)
-    fetched = json.loads(result.stdout)
+    fetched = fetch(cluster, host)
     _check_identical(fetched, host, template_id, image)
     # The restarted daemon resumes on its own, so the download may finish before this fetch
     # arrives (then the reply moved 0 bytes); its status counters count the resumed download.
@@ -347,7 +229,7 @@ def test_peer_serving_corrupt_chunks_is_banned_and_images_come_out_right(
     _start_centers(cluster, 2)
     hosts = [cluster.start_host(f"h{i}") for i in range(2)]
     image = _image(tmp_path)
-    template_id = _publish(cluster, image, replicas=2)
+    template_id = publish(cluster, image, replicas=2)
 
     liar_id = secrets.token_bytes(16)
     liar = _start_corrupt_peer(cluster, image, liar_id)
@@ -362,11 +244,11 @@ def test_peer_serving_corrupt_chunks_is_banned_and_images_come_out_right(
             return found[0] if found else None
 
         # The tracker shows the liar as a complete host before any fetch starts.
-        entry = _wait_for(cluster, "the corrupt peer announced", listed, processes=[liar])
+        entry = wait_for(cluster, "the corrupt peer announced", listed, processes=[liar])
         assert entry["role"] == "host" and entry["complete"]
 
-        fetches = [_start_fetch(cluster, host) for host in hosts]
-        results = [_finish_fetch(fetch) for fetch in fetches]
+        fetches = [start_fetch(cluster, host) for host in hosts]
+        results = [finish_fetch(running) for running in fetches]
         assert liar.running, f"the corrupt peer died:\n{liar.log_tail(20)}"
     finally:
         liar.terminate_and_wait()
@@ -395,24 +277,24 @@ def test_tracker_killed_and_restarted_mid_fetch(cluster: LocalCluster, tmp_path:
     _start_centers(cluster, 2, upload_limit="1MB")
     hosts = [cluster.start_host(f"h{i}") for i in range(2)]
     image = _image(tmp_path)
-    template_id = _publish(cluster, image, replicas=2)
+    template_id = publish(cluster, image, replicas=2)
 
-    fetches = [_start_fetch(cluster, host) for host in hosts]
+    fetches = [start_fetch(cluster, host) for host in hosts]
     at_kill = _wait_progress(cluster, hosts[0], template_id, 25.0, fetches)
     assert not at_kill["complete"]
-    _sigkill(tracker.process)
+    sigkill(tracker.process)
 
     # Known peers keep trading while the tracker is away.
     def progressed() -> Status | None:
-        now = _template(_control_status(hosts[0]), template_id)
+        now = _template(control_status(hosts[0]), template_id)
         return now if now["done_bytes"] > at_kill["done_bytes"] else None
 
-    _wait_for(cluster, "progress without a tracker", progressed, fetches)
+    wait_for(cluster, "progress without a tracker", progressed, watched=fetches)
     cluster.restart(tracker)
-    back = [_template(_control_status(host), template_id) for host in hosts]
+    back = [_template(control_status(host), template_id) for host in hosts]
     assert not all(t["complete"] for t in back), "the fetch ended before the tracker came back"
 
-    results = [_finish_fetch(fetch) for fetch in fetches]
+    results = [finish_fetch(running) for running in fetches]
     for host, result in zip(hosts, results, strict=True):
         _check_identical(result, host, template_id, image)
 
@@ -436,4 +318,4 @@ def test_tracker_killed_and_restarted_mid_fetch(cluster: LocalCluster, tmp_path:
         }
         return found if complete == host_ports else None
 
-    _wait_for(cluster, "the hosts re-announced", reannounced, processes=[tracker.process])
+    wait_for(cluster, "the hosts re-announced", reannounced, processes=[tracker.process])

@@ -16,13 +16,14 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import Any
 
 import pytest
 from vmswarm.daemon.cluster import free_port, vmswarm_script
+
+from ..ci import unavailable
 
 pytestmark = pytest.mark.e2e
 
@@ -39,16 +40,12 @@ _PR_SET_MDWE = 65
 _PR_MDWE_REFUSE_EXEC_GAIN = 1
 
 
-def _unavailable(reason: str) -> NoReturn:
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI must check the systemd units, but {reason}")
-    pytest.skip(reason)
-
-
 def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None:
-        _unavailable("systemd-analyze is not installed (apt-get install systemd)")
+        unavailable(
+            "check the systemd units", "systemd-analyze is not installed (apt-get install systemd)"
+        )
     return found
 
 
@@ -58,12 +55,17 @@ def exec_start(unit: Path) -> list[str]:
     return shlex.split(lines[0].removeprefix("ExecStart="))
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    # sun_path holds 108 bytes; pytest's tmp_path can be longer than that.
-    path = Path(tempfile.mkdtemp(prefix="sdu-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def status_json(control: Path) -> dict[str, Any]:
+    """`vmswarm status --json` against the daemon's control socket."""
+    status = subprocess.run(
+        [str(vmswarm_script()), "status", "--json", "--control", str(control)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        check=True,
+    )
+    result: dict[str, Any] = json.loads(status.stdout)
+    return result
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> list[int]:
@@ -189,14 +191,7 @@ def test_each_units_command_line_starts_its_service(tmp_path: Path, short_dir: P
                     ) from None
                 assert message.startswith("READY=1\n"), (name, message)
             control = short_dir / "run/vmswarm/control.sock"
-            status = subprocess.run(
-                [str(vmswarm_script()), "status", "--json", "--control", str(control)],
-                capture_output=True,
-                text=True,
-                timeout=WAIT,
-                check=True,
-            )
-            assert json.loads(status.stdout)["role"] == "host"
+            assert status_json(control)["role"] == "host"
         finally:
             codes = stop(processes)
     assert codes == [0] * len(UNITS)
@@ -236,7 +231,10 @@ def mdwe() -> Callable[[], None]:
         [sys.executable, "-c", WX_PROBE], preexec_fn=preexec, timeout=WAIT, check=False
     )
     if probe.returncode == MDWE_UNSUPPORTED:
-        _unavailable("this kernel has no PR_SET_MDWE (Linux 6.3+), the check for W+X mappings")
+        unavailable(
+            "check the systemd units",
+            "this kernel has no PR_SET_MDWE (Linux 6.3+), the check for W+X mappings",
+        )
     assert probe.returncode == 3, "W+X memory was not refused under MDWE"
     return preexec
 
@@ -288,14 +286,7 @@ def test_a_host_daemon_with_libvirt_runs_without_writable_executable_memory(
             except TimeoutError:
                 raise AssertionError(f"no READY=1; log:\n{log_path.read_text()}") from None
             assert message.startswith(b"READY=1\n"), message
-            status = subprocess.run(
-                [str(vmswarm_script()), "status", "--json", "--control", str(control)],
-                capture_output=True,
-                text=True,
-                timeout=WAIT,
-                check=True,
-            )
-            vm_service = json.loads(status.stdout)["vm_service"]
+            vm_service = status_json(control)["vm_service"]
             assert vm_service["libvirt_uri"] == "test:///default"
             assert vm_service["last_error"] is None, vm_service
         finally:

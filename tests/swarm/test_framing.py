@@ -389,3 +389,29 @@ def test_allocator_can_be_replaced_between_chunks() -> None:
     assert isinstance(one, Chunk) and isinstance(one.data, memoryview)
     assert isinstance(two, Chunk) and isinstance(two.data, memoryview)
     assert one.data.obj is first and two.data.obj is second
+
+
+def test_small_messages_refuse_a_big_body_before_decoding_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    codec = MessageCodec(PEER_MESSAGES)
+    monkeypatch.setattr(codec, "_unpack", _never_called)
+    # 100 KiB of nested empty arrays would become ~7 MB of Python lists.
+    body = b"\x91" * 1000 + b"\x90" * (100 << 10)
+    code = next(c for c, cls in PEER_MESSAGES.items() if cls is Have)
+    with pytest.raises(RemoteProtocolError, match="over its 8192-byte limit"):
+        codec.decode(code, body)
+
+
+def test_a_bitfield_must_be_one_bin_before_it_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    codec = MessageCodec(PEER_MESSAGES)
+    code = next(c for c, cls in PEER_MESSAGES.items() if cls is Bitfield)
+    good = codec.encode(Bitfield(b"\xff" * 70000))
+    assert codec.decode(code, good[FRAME_HEADER.size :]) == Bitfield(b"\xff" * 70000)
+    monkeypatch.setattr(codec, "_unpack", _never_called)
+    with pytest.raises(RemoteProtocolError, match="not the expected layout"):
+        codec.decode(code, b"\x91" + b"\x90" * 50000)
+
+
+def _never_called(body: bytes) -> object:
+    raise AssertionError("decoded a body that should have been refused unread")
