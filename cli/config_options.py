@@ -7,6 +7,7 @@ flags > VMSWARM_* variables > the file > defaults and say where each value came 
 from __future__ import annotations
 
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,6 +24,7 @@ from ..daemon.settings import (
     load_settings,
 )
 from ..daemon.settings import shown as shown_value
+from ..daemon.tls import TlsError, TlsFiles, TlsMaterial, TlsRole, check_files, client_context
 from .output import fail
 
 ConfigOption = Annotated[
@@ -103,16 +105,63 @@ def trust_keys(settings: Settings) -> tuple[bytes, ...]:
         fail(f"{settings.where('cluster.trusted_keys')}: cluster.trusted_keys: {exc}")
 
 
+TlsCaOption = Annotated[Path | None, setting_option("tls.ca", "--tls-ca")]
+TlsCertOption = Annotated[Path | None, setting_option("tls.cert", "--tls-cert")]
+TlsKeyOption = Annotated[Path | None, setting_option("tls.key", "--tls-key")]
+TLS_KEYS = ("tls.ca", "tls.cert", "tls.key")
+
+
+def tls_flags(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, object]:
+    """The --tls-* flags as settings flags (None: not given)."""
+    return dict(zip(TLS_KEYS, (ca, cert, key), strict=True))
+
+
+def tls_material(settings: Settings, *roles: TlsRole) -> TlsMaterial | None:
+    """tls.ca, tls.cert and tls.key checked (None when none is set: TLS off); one line naming
+    the problem when only some are set, a file is bad, or the certificate's role is not one of
+    `roles`."""
+    paths = [settings[dotted] for dotted in TLS_KEYS]
+    if all(path is None for path in paths):
+        return None
+    unset = [dotted for dotted, path in zip(TLS_KEYS, paths, strict=True) if path is None]
+    if unset:
+        fail(f"mutual TLS needs tls.ca, tls.cert and tls.key; {', '.join(unset)} not set")
+    try:
+        material = check_files(TlsFiles(*paths))
+    except TlsError as exc:
+        fail(f"TLS ({settings.where('tls.cert')}): {exc}")
+    if roles and material.role not in roles:
+        wanted = " or ".join(role.value for role in roles)
+        fail(
+            f"TLS: certificate {material.files.cert} has role {material.role.value}; "
+            f"this command needs a {wanted} certificate"
+        )
+    return material
+
+
+def tracker_tls(settings: Settings, *roles: TlsRole) -> ssl.SSLContext | None:
+    """The client context for talking to the tracker, or None when TLS is not configured."""
+    material = tls_material(settings, *roles)
+    return None if material is None else client_context(material)
+
+
 __all__ = [
+    "TLS_KEYS",
     "ConfigOption",
     "ControlOption",
     "JsonOption",
     "ShowConfigOption",
+    "TlsCaOption",
+    "TlsCertOption",
+    "TlsKeyOption",
     "TrackerOption",
     "control_socket",
     "load",
     "setting_help",
     "setting_option",
+    "tls_flags",
+    "tls_material",
     "tracker_address",
+    "tracker_tls",
     "trust_keys",
 ]

@@ -17,15 +17,21 @@ from ..daemon.control import call_control
 from ..daemon.download import DownloadConfig
 from ..daemon.node import NodeConfig, run_until_signalled
 from ..daemon.settings import Settings
+from ..daemon.tls import TlsRole
 from ..swarm.messages import Role
 from .config_options import (
     ConfigOption,
     ControlOption,
     JsonOption,
     ShowConfigOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
     control_socket,
     load,
     setting_help,
+    tls_flags,
+    tls_material,
     trust_keys,
 )
 from .config_options import setting_option as _option
@@ -73,6 +79,7 @@ def node_config(settings: Settings) -> NodeConfig:
         trusted_keys=trust_keys(settings),
         allow_unsigned=settings["cluster.allow_unsigned"],
         scrub_interval=settings["daemon.scrub_interval"],
+        tls=tls_material(settings, TlsRole(role)),  # a host needs a host certificate, and so on
     )
 
 
@@ -112,10 +119,17 @@ def daemon_run(
     metrics: Annotated[str | None, _option("daemon.metrics", "--metrics")] = None,
     trusted_key: TrustedKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     config: ConfigOption = None,
     show_config: ShowConfigOption = False,
 ) -> None:
-    """Run a host or storage-center daemon until SIGTERM or SIGINT."""
+    """Run a host or storage-center daemon until SIGTERM or SIGINT.
+
+    With tls.ca/cert/key (--tls-*), the daemon talks to the tracker over mutual TLS with a
+    certificate of its own role (host or storage); links between peers stay plain for now.
+    """
     settings = run_settings(
         config,
         {
@@ -140,6 +154,7 @@ def daemon_run(
             "daemon.peers": peers,
             "log.level": log_level,
             "daemon.metrics": metrics,
+            **tls_flags(tls_ca, tls_cert, tls_key),
         },
         trusted_key=trusted_key,
         allow_unsigned=allow_unsigned,

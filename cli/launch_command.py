@@ -8,7 +8,15 @@ import typer
 
 from ..daemon.tracker_client import DEFAULT_LAUNCH_TIMEOUT, LaunchResult, TrackerClient
 from ..swarm.address import format_address, parse_address
-from .config_options import ConfigOption, JsonOption, TrackerOption
+from .config_options import (
+    ConfigOption,
+    JsonOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TrackerOption,
+    tls_flags,
+)
 from .output import fail, print_json
 from .tracker_commands import ask_tracker, parse_template_ref
 
@@ -59,6 +67,9 @@ def launch(
     ] = DEFAULT_LAUNCH_TIMEOUT,
     json_output: JsonOption = False,
     config: ConfigOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Launch a VM: the tracker picks a host with room, preferring one that holds the template;
     that host fetches the template through the swarm and boots it."""
@@ -74,7 +85,7 @@ def launch(
             name, version, flavor, host=host, vm_name=vm_name, time_limit=wait
         )
 
-    result = ask_tracker(config, tracker_flag, query)
+    result = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key))
     if json_output:
         print_json(launch_json(result))
         return

@@ -85,6 +85,7 @@ def main() -> None:
 
 
 # Each topic's module adds its commands to `app`; add a topic by registering it here.
+from .ca_command import register as _register_ca  # noqa: E402
 from .config_command import register as _register_config  # noqa: E402
 from .daemon_commands import register as _register_daemon  # noqa: E402
 from .key_commands import register as _register_key  # noqa: E402
@@ -105,5 +106,6 @@ for _register in (
     _register_key,
     _register_config,
     _register_scrub,
+    _register_ca,
 ):
     _register(app)

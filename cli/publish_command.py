@@ -14,7 +14,18 @@ from ..daemon.publish import PublishResult, default_name, publish
 from ..daemon.rpc import RpcError
 from ..swarm.errors import ManifestError
 from ..swarm.manifest import DEFAULT_CHUNK_SIZE, check_chunk_size
-from .config_options import ConfigOption, JsonOption, TrackerOption, load, tracker_address
+from .config_options import (
+    ConfigOption,
+    JsonOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TrackerOption,
+    load,
+    tls_flags,
+    tracker_address,
+    tracker_tls,
+)
 from .config_options import setting_option as _option
 from .errors import EXIT_FAILURE
 from .key_commands import parse_duration
@@ -51,11 +62,22 @@ def publish_command(
     json_output: JsonOption = False,
     log_level: Annotated[str | None, _option("cli.log_level", "--log-level")] = None,
     config: ConfigOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Publish IMAGE as NAME:VERSION; the centers pull and verify their stripes."""
-    settings = load(config, {"cluster.tracker": tracker_flag, "cli.log_level": log_level})
+    settings = load(
+        config,
+        {
+            "cluster.tracker": tracker_flag,
+            "cli.log_level": log_level,
+            **tls_flags(tls_ca, tls_cert, tls_key),
+        },
+    )
     setup_logging(settings["cli.log_level"])
     tracker = tracker_address(settings)
+    tls = tracker_tls(settings)
     try:
         signing_key = None if sign_key is None else load_private_key(sign_key)
         valid_seconds = parse_duration(valid_for)
@@ -87,6 +109,7 @@ def publish_command(
                 on_step=step,
                 signing_key=signing_key,
                 valid_for=valid_seconds,
+                tls=tls,
             )
         )
     except RpcError as exc:

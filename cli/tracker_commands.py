@@ -16,6 +16,7 @@ import typer
 from ..daemon import tracker
 from ..daemon.catalog import CatalogError
 from ..daemon.config_files import load_flavors
+from ..daemon.tls import TlsMaterial, TlsRole
 from ..daemon.tracker_client import DEFAULT_CONNECT_TIMEOUT, SwarmView, TemplateInfo, TrackerClient
 from ..swarm.address import format_address
 from ..swarm.flavors import Flavor
@@ -23,9 +24,15 @@ from .config_options import (
     ConfigOption,
     JsonOption,
     ShowConfigOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
     TrackerOption,
     load,
+    tls_flags,
+    tls_material,
     tracker_address,
+    tracker_tls,
     trust_keys,
 )
 from .config_options import setting_option as _option
@@ -48,14 +55,22 @@ def parse_template_ref(text: str) -> tuple[str, str | None]:
 
 
 def ask_tracker(
-    config: Path | None, tracker_flag: str | None, query: Callable[[TrackerClient], Awaitable[T]]
+    config: Path | None,
+    tracker_flag: str | None,
+    query: Callable[[TrackerClient], Awaitable[T]],
+    tls: dict[str, object] | None = None,
 ) -> T:
-    """One query against the tracker (--tracker, $VMSWARM_TRACKER or cluster.tracker); an
-    unreachable tracker or a refusal propagates to the one error handler in cli/main.py."""
-    host, port = tracker_address(load(config, {"cluster.tracker": tracker_flag}))
+    """One query against the tracker (--tracker, $VMSWARM_TRACKER or cluster.tracker), over
+    mutual TLS when tls.* is set (`tls`: the --tls-* flags); an unreachable tracker or a refusal
+    propagates to the one error handler in cli/main.py."""
+    settings = load(config, {"cluster.tracker": tracker_flag, **(tls or {})})
+    host, port = tracker_address(settings)
+    context = tracker_tls(settings)
 
     async def run() -> T:
-        client = await TrackerClient.connect(host, port, connect_timeout=DEFAULT_CONNECT_TIMEOUT)
+        client = await TrackerClient.connect(
+            host, port, connect_timeout=DEFAULT_CONNECT_TIMEOUT, tls=context
+        )
         async with client:
             return await query(client)
 
@@ -77,14 +92,19 @@ def _template_json(info: TemplateInfo) -> dict[str, Any]:
 
 
 def templates(
-    tracker_flag: TrackerOption = None, config: ConfigOption = None, json_output: JsonOption = False
+    tracker_flag: TrackerOption = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """List the tracker's template catalog."""
 
     async def query(client: TrackerClient) -> list[TemplateInfo]:
         return await client.list_templates()
 
-    found = ask_tracker(config, tracker_flag, query)
+    found = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key))
     if json_output:
         print_json({"templates": [_template_json(t) for t in found]})
         return
@@ -115,6 +135,9 @@ def peers(
     tracker_flag: TrackerOption = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """Show the tracker's view of a template's swarm: each host or center and its progress."""
     try:
@@ -126,7 +149,7 @@ def peers(
         found = await client.lookup(name, version)
         return found.info, await client.swarm(found.template_id)
 
-    info, view = ask_tracker(config, tracker_flag, query)
+    info, view = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key))
     members = [
         {
             "peer_id": m.peer_id.hex(),
@@ -185,10 +208,17 @@ def tracker_run(
     metrics: Annotated[str | None, _option("tracker.metrics", "--metrics")] = None,
     trusted_key: TrustedKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
     config: ConfigOption = None,
     show_config: ShowConfigOption = False,
 ) -> None:
-    """Run the tracker: the template catalog, the peer handout and VM placement."""
+    """Run the tracker: the template catalog, the peer handout and VM placement.
+
+    With tls.ca/cert/key (--tls-*), every client must present a certificate of the cluster CA,
+    and its role limits its calls; the tracker's own certificate must have the tracker role.
+    """
     settings = run_settings(
         config,
         {
@@ -198,6 +228,7 @@ def tracker_run(
             "cluster.flavors": flavors_file,
             "log.level": log_level,
             "tracker.metrics": metrics,
+            **tls_flags(tls_ca, tls_cert, tls_key),
         },
         trusted_key=trusted_key,
         allow_unsigned=allow_unsigned,
@@ -211,6 +242,7 @@ def tracker_run(
         _serve_until_signal,
         trusted_keys=trust_keys(settings),
         allow_unsigned=settings["cluster.allow_unsigned"],
+        tls=tls_material(settings, TlsRole.TRACKER),
     )
     flavors = load_flavors(settings["cluster.flavors"])
     try:
@@ -243,6 +275,7 @@ async def _serve_until_signal(
     *,
     trusted_keys: tuple[bytes, ...] = (),
     allow_unsigned: bool = False,
+    tls: TlsMaterial | None = None,
 ) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
@@ -257,6 +290,7 @@ async def _serve_until_signal(
                     metrics_listen=metrics_listen,
                     trusted_keys=trusted_keys,
                     allow_unsigned=allow_unsigned,
+                    tls=tls,
                 )
             )
             async for signum in signals:

@@ -7,6 +7,7 @@ else the local daemon, else shows the built-ins.
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -18,7 +19,18 @@ from ..daemon.control import ControlUnreachable, call_control
 from ..daemon.rpc import RpcError
 from ..daemon.tracker_client import ClusterVms, TrackerClient, VmInfo
 from ..swarm.flavors import default_flavors, flavor_list, parse_size
-from .config_options import ConfigOption, ControlOption, JsonOption, TrackerOption, load
+from .config_options import (
+    ConfigOption,
+    ControlOption,
+    JsonOption,
+    TlsCaOption,
+    TlsCertOption,
+    TlsKeyOption,
+    TrackerOption,
+    load,
+    tls_flags,
+    tracker_tls,
+)
 from .output import fail, human_bytes, print_json, print_table, say
 from .tracker_commands import ask_tracker
 
@@ -45,9 +57,9 @@ def _call(
 # -- flavors ---------------------------------------------------------------------------------
 
 
-def _tracker_flavors(address: tuple[str, int]) -> list[dict[str, Any]]:
+def _tracker_flavors(address: tuple[str, int], tls: ssl.SSLContext | None) -> list[dict[str, Any]]:
     async def ask() -> list[dict[str, Any]]:
-        client = await TrackerClient.connect(*address)
+        client = await TrackerClient.connect(*address, tls=tls)
         async with client:
             return await client.flavors()
 
@@ -78,17 +90,27 @@ def flavors(
     control: ControlOption = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """List the flavors (named VM sizes) launches can use: from --flavors FILE, else the tracker,
     else the local daemon, else the built-ins."""
-    settings = load(config, {"cluster.tracker": tracker_flag, "daemon.control": control})
+    settings = load(
+        config,
+        {
+            "cluster.tracker": tracker_flag,
+            "daemon.control": control,
+            **tls_flags(tls_ca, tls_cert, tls_key),
+        },
+    )
     tracker: tuple[str, int] | None = settings["cluster.tracker"]
     source: str
     if flavors_file is not None:
         found = flavor_list(load_flavors(flavors_file))
         source = str(flavors_file)
     elif tracker is not None:
-        found = _tracker_flavors(tracker)
+        found = _tracker_flavors(tracker, tracker_tls(settings))
         source = f"tracker {settings.where('cluster.tracker')}"
     else:
         path = settings.control_socket()
@@ -157,11 +179,13 @@ def _cluster_vm_json(vm: VmInfo) -> dict[str, Any]:
     }
 
 
-def _cluster_vms(config: Path | None, tracker_flag: str | None, json_output: bool) -> None:
+def _cluster_vms(
+    config: Path | None, tracker_flag: str | None, json_output: bool, tls: dict[str, object]
+) -> None:
     async def query(client: TrackerClient) -> ClusterVms:
         return await client.vms()
 
-    found = ask_tracker(config, tracker_flag, query)
+    found = ask_tracker(config, tracker_flag, query, tls)
     listed = [_cluster_vm_json(vm) for vm in found.vms]
     unreachable = [{"host": f.host, "error": f.error} for f in found.unreachable]
     if json_output:
@@ -191,10 +215,13 @@ def vms(
         ),
     ] = False,
     tracker_flag: TrackerOption = None,
+    tls_ca: TlsCaOption = None,
+    tls_cert: TlsCertOption = None,
+    tls_key: TlsKeyOption = None,
 ) -> None:
     """List this host's VMs (or with --cluster every host's) with CPU, memory, net and disk."""
     if cluster:
-        _cluster_vms(config, tracker_flag, json_output)
+        _cluster_vms(config, tracker_flag, json_output, tls_flags(tls_ca, tls_cert, tls_key))
         return
     result = _call(control, config, "vms", {})
     if json_output:

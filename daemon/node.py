@@ -62,6 +62,7 @@ from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
 from .storeerrors import StoreCorruptError, StoreError
 from .template_sources import CenterTemplate, HostTemplate, TemplateData
+from .tls import TlsMaterial, client_context
 from .tracker_client import TemplateHave, TrackerUnreachable
 from .tracker_link import TrackerLink
 from .vm_launcher import VmLauncher
@@ -116,6 +117,8 @@ class NodeConfig:
     idle_timeout: float | None = None
     # A storage center re-hashes every stored chunk this often (seconds; 0: only on request).
     scrub_interval: float = DEFAULT_SCRUB_INTERVAL
+    # Mutual TLS to the tracker (peer links stay plain for now); None: plain TCP.
+    tls: TlsMaterial | None = None
 
     @property
     def control(self) -> Path:
@@ -220,6 +223,7 @@ class Node:
                 rack=self.config.rack,
                 capacity=lambda: None if self.vms is None else self.vms.capacity(),
                 on_connected=self._on_tracker_connected,
+                tls=None if self.config.tls is None else client_context(self.config.tls),
             )
             self.vms = self._vm_service()
             sources = await self._open_stores()

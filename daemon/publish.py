@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -151,6 +152,7 @@ async def publish(
     on_step: Callable[[str], None] | None = None,
     signing_key: Ed25519PrivateKey | None = None,
     valid_for: float | None = DEFAULT_VALID_FOR,
+    tls: ssl.SSLContext | None = None,
 ) -> PublishResult:
     """Publish `image` as NAME:VERSION; see the module docstring for the order of steps.
 
@@ -172,7 +174,7 @@ async def publish(
         step(f"signed with key {signature.key_id.hex()}, valid until {signature.expires}")
     envelope = None if signature is None else signature.encode()
     try:
-        client = await TrackerClient.connect(*tracker)
+        client = await TrackerClient.connect(*tracker, tls=tls)  # tls: mutual TLS, tracker only
     except TrackerUnreachable as exc:
         raise PublishError(str(exc)) from exc
     async with client:

@@ -307,6 +307,23 @@ KEYS: tuple[Key, ...] = (
         None,
         "Serve Prometheus metrics at http://HOST:PORT/metrics (unset: off).",
     ),
+    Key(
+        "tls",
+        "ca",
+        _path,
+        None,
+        "Cluster CA certificate (PEM) for mutual TLS to the tracker (unset: TLS off).",
+        flag="--tls-ca",
+    ),
+    Key(
+        "tls",
+        "cert",
+        _path,
+        None,
+        "This node's certificate (PEM, with its role).",
+        flag="--tls-cert",
+    ),
+    Key("tls", "key", _path, None, "This node's private key (PEM, mode 0600).", flag="--tls-key"),
     Key("log", "level", _choice(*LOG_LEVELS), "info", "Log threshold of the daemon and tracker."),
     Key(
         "cli",

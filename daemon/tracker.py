@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -30,6 +31,8 @@ from .metrics_http import serve_metrics
 from .placement_service import HostCaller, PlacementService, call_host
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
+from .tls import TlsError, TlsMaterial, TlsRole, accept, server_context
+from .tracker_access import guarded
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +141,11 @@ class Tracker:
         wall_clock: Callable[[], float] = time.time,
         on_announce: Callable[[Role], None] = lambda role: None,
         on_placement: Callable[[str], None] = lambda reason: None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.catalog = catalog
+        # Mutual TLS on every session when set; each client's certificate role limits its calls.
+        self._tls_context = tls_context
         # Metrics hooks: an accepted announce (by role), a placement decision (by reason).
         self._on_announce = on_announce
         # Secure by default: without a policy, only templates signed by a trusted key (none).
@@ -164,9 +170,11 @@ class Tracker:
         """How often daemons should announce: three tries before their entry expires."""
         return self.announces.ttl / 3
 
-    def handlers(self, remote_host: str | None = None) -> dict[str, Handler]:
-        """The RPC methods for one client connected from `remote_host`."""
-        return {
+    def handlers(
+        self, remote_host: str | None = None, role: TlsRole | None = None
+    ) -> dict[str, Handler]:
+        """The RPC methods for one client connected from `remote_host` (with a TLS `role`)."""
+        table: dict[str, Handler] = {
             "announce": _sync_handler(lambda params: self.announce(params, remote_host)),
             "get_peers": _sync_handler(self.get_peers),
             "register_template": _async_handler(self.register_template),
@@ -178,6 +186,7 @@ class Tracker:
             "vms": _async_handler(self.placement.vms),
             "flavors": _sync_handler(self.placement.flavors_rpc),
         }
+        return table if role is None else guarded(table, role)
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """Answer one client until it leaves; whatever goes wrong ends only this session."""
@@ -186,7 +195,17 @@ class Tracker:
         except OSError:
             remote_host = None
         try:
-            await serve_rpc(stream, self.handlers(remote_host))
+            session: trio.abc.Stream = stream
+            role: TlsRole | None = None
+            if self._tls_context is not None:
+                try:
+                    session, identity = await accept(stream, self._tls_context)
+                except TlsError as exc:
+                    log.warning("refused TLS client %s: %s", remote_host, exc)
+                    return
+                role = identity.role
+                log.debug("TLS client %s is %s", remote_host, identity)
+            await serve_rpc(session, self.handlers(remote_host, role))
         except Exception:  # one client's failure must never stop the tracker
             log.exception(
                 "tracker session with %s failed", remote_host, extra={"remote": remote_host}
@@ -482,12 +501,13 @@ async def run(
     metrics_listen: tuple[str, int] | None = None,
     trusted_keys: tuple[bytes, ...] = (),
     allow_unsigned: bool = False,
+    tls: TlsMaterial | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the tracker until cancelled; `task_status.started` gets the bound (host, port).
 
     Templates must be signed by one of `trusted_keys` (raw Ed25519 public keys), or unsigned
-    with `allow_unsigned`.
+    with `allow_unsigned`. With `tls`, every client must present a cluster certificate.
     """
     trust = TrustPolicy.of(trusted_keys, allow_unsigned=allow_unsigned)
     log_trust(trust, "tracker")
@@ -503,7 +523,10 @@ async def run(
             trust=trust,
             on_announce=counters.announced,
             on_placement=counters.placed,
+            tls_context=None if tls is None else server_context(tls),
         )
+        if tls is not None:
+            log.info("tracker requires mutual TLS (CA %s, certificate %s)", tls.files.ca, tls.name)
         registry.register(TrackerCollector(tracker.announces, catalog))
         listeners = await trio.open_tcp_listeners(listen_port, host=listen_host or None)
         sockname = listeners[0].socket.getsockname()

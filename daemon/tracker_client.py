@@ -8,6 +8,7 @@ code "bad_reply" when its answer is malformed.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from ..swarm.manifest import Manifest
 from ..swarm.messages import Role
 from ..swarm.vm_placement import CAPACITY_KEYS, HostCapacity
 from .rpc import LINK_ERRORS, RpcClient, RpcError
+from .tls import TlsError, TlsRole, connect, describe_failure
 
 DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_CALL_TIMEOUT = 30.0
@@ -319,6 +321,13 @@ def _center_info(data: Mapping[str, Any]) -> CenterInfo:
     )
 
 
+def _link_failure(exc: Exception) -> str:
+    # Under TLS 1.3 a tracker that refuses our certificate shows only as a broken first call.
+    if isinstance(exc.__cause__, ssl.SSLError):
+        return describe_failure(exc)
+    return str(exc) or type(exc).__name__
+
+
 class TrackerClient:
     """One connection to the tracker; calls run one at a time, each with a timeout."""
 
@@ -345,8 +354,13 @@ class TrackerClient:
         *,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        tls: ssl.SSLContext | None = None,
     ) -> TrackerClient:
-        """Open a connection; TrackerUnreachable if none is made within `connect_timeout`."""
+        """Open a connection; TrackerUnreachable if none is made within `connect_timeout`.
+
+        With `tls` (daemon/tls.py client_context) the link is mutual TLS, and the other side
+        must hold a tracker certificate.
+        """
         label = format_address(host, port)
         try:
             with trio.fail_after(connect_timeout):
@@ -358,8 +372,20 @@ class TrackerClient:
         except OSError as exc:
             raise TrackerUnreachable(f"cannot reach tracker {label}: {exc}") from exc
         local = stream.socket.getsockname()
+        session: trio.abc.Stream = stream
+        if tls is not None:
+            try:
+                session, _ = await connect(
+                    stream,
+                    tls,
+                    server_hostname=host,
+                    allowed={TlsRole.TRACKER},
+                    handshake_seconds=connect_timeout,
+                )
+            except TlsError as exc:
+                raise TrackerUnreachable(f"tracker {label}: TLS: {exc}") from None
         return cls(
-            RpcClient(stream), (host, port), call_timeout=call_timeout, local_host=str(local[0])
+            RpcClient(session), (host, port), call_timeout=call_timeout, local_host=str(local[0])
         )
 
     @property
@@ -387,7 +413,7 @@ class TrackerClient:
         except trio.TooSlowError:
             self._broken = f"no answer to {method} within {limit:g}s"
         except LINK_ERRORS as exc:
-            self._broken = f"lost during {method}: {exc or type(exc).__name__}"
+            self._broken = f"lost during {method}: {_link_failure(exc)}"
         raise TrackerUnreachable(f"tracker {self.label}: {self._broken}")
 
     async def _parsed(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections.abc import Callable, Iterable, Mapping
 
 import trio
@@ -54,8 +55,10 @@ class TrackerLink:
         call_timeout: float = 15.0,
         max_backoff: float = MAX_BACKOFF,
         rng: random.Random | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
+        self._tls = tls  # mutual TLS to the tracker when set (daemon/tls.py client_context)
         self.local = local
         self.rack = rack
         self._holdings = holdings
@@ -86,6 +89,7 @@ class TrackerLink:
                     *self.address,
                     connect_timeout=self._connect_timeout,
                     call_timeout=self._call_timeout,
+                    tls=self._tls,
                 )
             return self._client
 
