@@ -7,8 +7,6 @@ trackers and daemons read the second (`--trusted-key`). Raw 32-byte key files ar
 from __future__ import annotations
 
 import logging
-import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 
 from ..swarm.signature import PUBLIC_KEY_LENGTH, TrustPolicy, key_id_of, public_key_bytes
+from . import secret_files
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +46,7 @@ class GeneratedKey:
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` with `mode` from the start (never briefly world-readable); never overwrite."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise KeyFileError(f"{path} already exists; refusing to overwrite a key") from None
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise KeyFileError(f"cannot write {path}: {exc.strerror or exc}") from None
+    secret_files.write_new(path, data, mode, KeyFileError)
 
 
 def generate_keypair(out_dir: Path, name: str = DEFAULT_KEY_NAME) -> GeneratedKey:
@@ -112,11 +97,7 @@ def _read(path: Path, what: str) -> bytes:
 def load_private_key(path: Path) -> Ed25519PrivateKey:
     """An Ed25519 private key from PEM (PKCS#8, unencrypted) or 32 raw bytes; refuses 0644 files."""
     data = _read(path, "signing key")
-    mode = stat.S_IMODE(path.stat().st_mode)
-    if mode & 0o077:
-        raise KeyFileError(
-            f"signing key {path} is open to other users (mode {mode:04o}); chmod 600 {path}"
-        )
+    secret_files.check_private_mode(path, "signing key", KeyFileError)
     if data.lstrip().startswith(b"-----BEGIN"):
         try:
             key = load_pem_private_key(data, password=None)

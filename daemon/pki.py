@@ -10,8 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import ipaddress
-import os
-import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,8 @@ from cryptography.hazmat.primitives.serialization import (
     load_pem_private_key,
 )
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from . import secret_files
 
 CA_CERT_NAME = "ca.crt"
 CA_KEY_NAME = "ca.key"
@@ -84,12 +84,7 @@ def read_pem(path: Path, what: str) -> bytes:
 
 def check_private_mode(path: Path, what: str) -> None:
     """Refuse a private key that other users can read or write."""
-    try:
-        mode = stat.S_IMODE(path.stat().st_mode)
-    except OSError as exc:
-        raise TlsError(f"cannot stat {what} {path}: {exc.strerror or exc}") from None
-    if mode & 0o077:
-        raise TlsError(f"{what} {path} is open to other users (mode {mode:04o}); chmod 600 {path}")
+    secret_files.check_private_mode(path, what, TlsError)
 
 
 def load_certificate(path: Path, what: str = "certificate") -> x509.Certificate:
@@ -113,21 +108,7 @@ def load_key(path: Path, what: str = "private key") -> ec.EllipticCurvePrivateKe
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create `path` with `mode` from the start (never briefly world-readable); never overwrite."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise TlsError(f"{path} already exists; refusing to overwrite it") from None
-    except OSError as exc:
-        raise TlsError(f"cannot create {path}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    except OSError as exc:
-        path.unlink(missing_ok=True)
-        raise TlsError(f"cannot write {path}: {exc.strerror or exc}") from None
+    secret_files.write_new(path, data, mode, TlsError)
 
 
 def _write_pair(cert_path: Path, cert: x509.Certificate, key_path: Path, key: object) -> None:
