@@ -62,6 +62,18 @@ CLOSE_GRACE = 2.0
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
+def _stream_failure(exc: BaseException) -> BaseException | None:
+    """`exc` if it is a broken stream, or a group made only of those (nurseries wrap errors in
+    groups); None for anything else, which must propagate."""
+    if isinstance(exc, _STREAM_ERRORS):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = [_stream_failure(inner) for inner in exc.exceptions]
+        if leaves and all(leaf is not None for leaf in leaves):
+            return leaves[0]
+    return None
+
+
 class HandshakeError(Exception):
     """The peer did not complete the handshake; the message says why."""
 
@@ -303,7 +315,10 @@ class PeerLink:
                 return False
             header = self.conn.send_chunk_header(index, source.length, now=_now())
             # MSG_MORE: the 9-byte header leaves in the same segment as the payload's start.
-            sent = await sock.send(header, socket.MSG_MORE)
+            try:
+                sent = await sock.send(header, socket.MSG_MORE)
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
             if sent < len(header):
                 await self.stream.send_all(header[sent:])
             self.bytes_out += len(header)
@@ -522,7 +537,10 @@ class PeerLink:
                 nursery.cancel_scope.cancel()
             if self.close_reason is not None:
                 reason = self.close_reason
-        except _STREAM_ERRORS as exc:
+        except BaseException as caught:
+            exc = _stream_failure(caught)
+            if exc is None:
+                raise
             reason = self.close_reason or f"connection lost: {exc or type(exc).__name__}"
         finally:
             self._closing = True
@@ -558,7 +576,10 @@ class PeerLink:
         """Run a link task; a broken stream just ends the link."""
         try:
             await task()
-        except _STREAM_ERRORS as exc:
+        except BaseException as caught:
+            exc = _stream_failure(caught)
+            if exc is None:
+                raise
             if self.close_reason is None:
                 self.close_reason = f"connection lost: {exc or type(exc).__name__}"
             if self._scope is not None:
