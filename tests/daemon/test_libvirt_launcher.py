@@ -22,6 +22,8 @@ from vmswarm.swarm.domain_xml import DomainSpec, DomainType, build_domain_xml
 from vmswarm.swarm.flavors import MIB, Flavor
 from vmswarm.swarm.imageformat import ImageFormat
 
+from tests.ci import unavailable
+
 TEST_URI = "test:///default"
 FLAVOR = Flavor("t", vcpus=1, memory=128 * MIB, disk=0, max_vcpus=2, max_memory=256 * MIB)
 
@@ -186,12 +188,12 @@ def test_kvm_device_problems(tmp_path: Path) -> None:
 def test_root_only_kvm_device_is_not_usable_by_qemu(tmp_path: Path) -> None:
     assert kvm_device_problem(Path("/dev/null")) is None  # a character device anyone may use
     if os.geteuid() != 0:
-        pytest.skip("making a device node needs root")
+        unavailable("test a root-only /dev/kvm", "making a device node needs root")
     node = tmp_path / "kvm"
     try:  # a /dev/null twin, readable and writable by its owner only (like /dev/kvm as shipped)
         os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(1, 3))
     except OSError as exc:
-        pytest.skip(f"cannot make a device node here: {exc}")
+        unavailable("test a root-only /dev/kvm", f"cannot make a device node here: {exc}")
     problem = kvm_device_problem(node)
     assert problem is not None and "chmod 660" in problem
     assert kvm_device_problem(node, for_other_user=False) is None

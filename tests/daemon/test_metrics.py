@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,8 @@ from vmswarm.daemon.vm_service import VmService
 from vmswarm.swarm.connection import Connection
 from vmswarm.swarm.manifest import Manifest, build_manifest
 from vmswarm.swarm.messages import Role
+
+from tests.ci import unavailable
 
 from . import test_placement_service as placement_test
 from .test_download import (
@@ -408,9 +409,7 @@ async def test_the_trackers_hooks_feed_its_counters(tmp_path: Path) -> None:
 
 async def test_vm_series_follow_the_vms_that_exist(tmp_path: Path) -> None:
     if shutil.which("qemu-img") is None:  # the VM service makes each VM's qcow2 overlay with it
-        if os.environ.get("CI") == "true":
-            pytest.fail("qemu-img is missing (apt-get install qemu-utils)")
-        pytest.skip("needs qemu-img")
+        unavailable("make VM overlays", "qemu-img is missing (apt-get install qemu-utils)")
     async with host(tmp_path) as h:
         registry = new_registry()
         registry.register(NodeCollector(FakeNode(tmp_path, vms=h.service)))
