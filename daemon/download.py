@@ -664,7 +664,7 @@ class TemplateDownload:
         # Chunks we verified after the bitfield we sent was taken would otherwise go unannounced.
         have = self.data.have()
         for index in have:
-            if index not in up.sent and index not in link.their_bitfield:
+            if index not in up.sent:
                 link.post(Have(index))
         log.info(
             "link %s %r up (%d links)",
@@ -794,10 +794,10 @@ class TemplateDownload:
                 if got not in self._wanted and not self._want_all:
                     continue
                 self._done_bytes += self._lengths[got]
+            # Every peer hears it, holders too: a holder that loses it (scrub) must know we have it.
             for got in written.newly:
                 for other_peer in self._peers.values():
-                    if got not in other_peer.link.their_bitfield:
-                        other_peer.link.post(Have(got))
+                    other_peer.link.post(Have(got))
         else:
             self.wasted_bytes += written.size
             self._picker.received(pid, index)

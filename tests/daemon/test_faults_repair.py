@@ -80,6 +80,40 @@ async def test_center_refetches_chunks_a_scrub_dropped(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_center_repairs_from_a_replica_that_got_the_chunk_after_the_link_came_up(
+    tmp_path: Path,
+) -> None:
+    # The replica fetches everything from the center over one link, so the center held each chunk
+    # before the replica did; it must still hear the replica's Have, or it cannot repair later.
+    data, manifest = make_image(PATTERN, seed=14)
+    everything = list(range(manifest.chunk_count))
+    center = center_store(tmp_path / "center", data, manifest, everything)
+    async with trio.open_nursery() as nursery, seeding(nursery, center, Role.STORAGE) as source:
+        replica = TemplateDownload(
+            center_store(tmp_path / "replica", data, manifest, []),
+            peer(Role.STORAGE),
+            upload_slots=trio.Semaphore(2),
+            want=everything,
+            want_all=False,
+            find_peers=finder([source.address]),
+            config=PATIENT,
+        )
+        await nursery.start(replica.run)
+        with trio.fail_after(10):
+            await replica.wait_done()
+        assert replica.bytes_from_centers > 0
+
+        index = next(i for i in everything if i not in manifest.zero_chunks)
+        digest = manifest.chunk_digests[index]
+        assert center.store.delete(digest)
+        source.download.lost(center.forget([digest]))
+        with trio.fail_after(10):
+            await until(lambda: center.has(index))
+        assert source.download.error is None
+        assert center.store.scrub() == []
+        nursery.cancel_scope.cancel()
+
+
 class FillingDisk(Wrapped):
     """A host store whose disk is full while `full` is set."""
 
