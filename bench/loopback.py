@@ -1,8 +1,10 @@
 """One storage center feeds one host a template over loopback; libtorrent does it side by side.
 
 Run: python -m bench.loopback [--size 1GiB] [--zero-fraction 0.0] [--repeat 3] [--workdir DIR]
-     [--skip-libtorrent]
-vmswarm: real tracker, center and host processes. Two times per fetch, from the fetch reply:
+     [--skip-libtorrent] [--tls both|on|off]
+vmswarm: real tracker, center and host processes, once over plain TCP (--insecure) and once
+with mutual TLS 1.3 (`--tls`, default both), so the cost of TLS shows side by side in one run
+as the ratio of the two median MB/s. Two times per fetch, from the fetch reply:
 `chunks` until the last chunk was verified (blake3, against the manifest) and written, and
 `ready` when, after that, the whole image also hashed to its digest (what a boot waits for).
 libtorrent's one time (every piece hash-checked and written) goes in both columns.
@@ -32,6 +34,13 @@ from vmswarm.swarm.manifest import DEFAULT_CHUNK_SIZE
 from bench.libtorrent_baseline import parse_size, run_libtorrent_transfer
 from bench.report import emit, table
 
+PLAIN_LABEL = "vmswarm (plain TCP, --insecure)"
+TLS_LABEL = "vmswarm (mutual TLS 1.3)"
+# Which vmswarm runs each --tls choice makes: False is plain TCP, True mutual TLS.
+TLS_CHOICES: dict[str, tuple[bool, ...]] = {"both": (False, True), "on": (True,), "off": (False,)}
+# Median figures compared between the TLS and the plain run (TLS / plain).
+RATIO_COLUMNS = ["chunks_MB/s", "ready_MB/s", "source_cpu_s", "receiver_cpu_s"]
+
 COLUMNS = [
     "tool",
     "size",
@@ -56,9 +65,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict[str, Any]:
+def run_vmswarm_transfer(
+    image: Path, workdir: Path, *, chunk_size: int, tls: bool = False
+) -> dict[str, Any]:
     """Publish `image` to one center, fetch it on one host, and return the figures."""
-    with LocalCluster(workdir / "cluster") as cluster:
+    with LocalCluster(workdir / "cluster", tls=tls) as cluster:
         cluster.start_tracker()
         center = cluster.start_center("center1")
         cluster.run_cli(
@@ -96,6 +107,7 @@ def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict
             raise RuntimeError(f"the host had the template already: {fetched}")
         return {
             "tool": "vmswarm",
+            "tls": tls,
             "size": int(fetched["size"]),
             "chunk_size": chunk_size,
             "seconds": seconds,
@@ -114,7 +126,10 @@ def run_vmswarm_transfer(image: Path, workdir: Path, *, chunk_size: int) -> dict
 
 
 def _row(figures: dict[str, Any], zero_fraction: float, run: int) -> dict[str, Any]:
-    tool = figures["tool"] if figures["tool"] == "vmswarm" else f"libtorrent {figures['version']}"
+    if figures["tool"] == "vmswarm":
+        tool = TLS_LABEL if figures.get("tls") else PLAIN_LABEL
+    else:
+        tool = f"libtorrent {figures['version']}"
     wire = figures.get("wire_mb_per_s", figures.get("payload_bytes", 0) / figures["seconds"] / 1e6)
     source = figures.get("source_peak_rss_bytes", figures.get("seeder_peak_rss_bytes", 0))
     receiver = figures.get("receiver_peak_rss_bytes", figures.get("leecher_peak_rss_bytes", 0))
@@ -144,25 +159,40 @@ def run(
     libtorrent: bool,
     workdir: Path,
     repeat: int = 1,
+    tls: tuple[bool, ...] = (False,),
 ) -> list[dict[str, Any]]:
-    """Every run of every tool, one row each; each run in a fresh directory under `workdir`."""
+    """Every run of every tool, one row each; each run in a fresh directory under `workdir`.
+
+    `tls` lists the vmswarm runs per repeat (False: plain TCP, True: mutual TLS); they take
+    turns within each repeat so a change in the machine's load hits both alike.
+    """
     rows: list[dict[str, Any]] = []
     for zero_fraction in zero_fractions:
         image = workdir / f"image-{zero_fraction}.raw"
         write_mixed_image(image, size, zero_fraction=zero_fraction, seed=3)
         try:
             for number in range(1, repeat + 1):
-                run_dir = Path(tempfile.mkdtemp(prefix=f"vmswarm-{zero_fraction}-", dir=workdir))
-                try:
-                    figures = run_vmswarm_transfer(image, run_dir, chunk_size=chunk_size)
-                finally:
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                rows.append({**_row(figures, zero_fraction, number), "figures": figures})
+                for secure in tls:
+                    rows.append(
+                        _vmswarm_row(image, workdir, chunk_size, zero_fraction, number, secure)
+                    )
                 if libtorrent:
                     rows.append(_libtorrent_row(image, workdir, chunk_size, zero_fraction, number))
         finally:
             image.unlink()
     return rows
+
+
+def _vmswarm_row(
+    image: Path, workdir: Path, chunk_size: int, zero_fraction: float, number: int, tls: bool
+) -> dict[str, Any]:
+    prefix = f"vmswarm-{'tls' if tls else 'plain'}-{zero_fraction}-"
+    run_dir = Path(tempfile.mkdtemp(prefix=prefix, dir=workdir))
+    try:
+        figures = run_vmswarm_transfer(image, run_dir, chunk_size=chunk_size, tls=tls)
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return {**_row(figures, zero_fraction, number), "tls": tls, "figures": figures}
 
 
 def _libtorrent_row(
@@ -194,6 +224,22 @@ def medians(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         median["identical"] = all(r["identical"] for r in group)
         summary.append(median)
     return summary
+
+
+def tls_cost(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per zero fraction with both vmswarm runs: each RATIO_COLUMNS median, TLS over plain."""
+    by_tool = {(m["tool"], m["zero_fraction"]): m for m in summary}
+    costs = []
+    for (tool, zero_fraction), secure in by_tool.items():
+        plain = by_tool.get((PLAIN_LABEL, zero_fraction))
+        if tool != TLS_LABEL or plain is None:
+            continue
+        cost: dict[str, Any] = {"zero_fraction": zero_fraction}
+        for column in RATIO_COLUMNS:
+            if secure.get(column) is not None and plain.get(column):
+                cost[f"{column} tls/plain"] = secure[column] / plain[column]
+        costs.append(cost)
+    return costs
 
 
 def default_workdir() -> Path:
@@ -229,6 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="runs per tool (default 3)")
     parser.add_argument("--skip-libtorrent", action="store_true")
     parser.add_argument(
+        "--tls",
+        choices=sorted(TLS_CHOICES),
+        default="both",
+        help="vmswarm over plain TCP (off), mutual TLS (on) or both side by side (default)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=None,
@@ -248,21 +300,27 @@ def main(argv: list[str] | None = None) -> None:
             libtorrent=not args.skip_libtorrent,
             workdir=workdir,
             repeat=args.repeat,
+            tls=TLS_CHOICES[args.tls],
         )
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     summary = medians(rows)
+    costs = tls_cost(summary)
     emit(
         "loopback_one_center_one_host",
         rows,
         COLUMNS,
-        extra={"filesystem": filesystem, "medians": summary},
+        extra={"filesystem": filesystem, "medians": summary, "vmswarm_tls": costs},
     )
     print("\n## medians\n")
     print(
         table(summary, [c for c in ["tool", "zero_fraction", "runs", *COLUMNS[4:]] if c != "run"])
     )
+    if costs:
+        # Below 1 for MB/s means TLS is slower; above 1 for CPU means TLS costs more CPU.
+        print("\n## mutual TLS cost (medians, TLS / plain TCP)\n")
+        print(table(costs, ["zero_fraction", *(f"{c} tls/plain" for c in RATIO_COLUMNS)]))
 
 
 if __name__ == "__main__":

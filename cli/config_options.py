@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import ssl
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
@@ -24,8 +25,16 @@ from ..daemon.settings import (
     load_settings,
 )
 from ..daemon.settings import shown as shown_value
-from ..daemon.tls import TlsError, TlsFiles, TlsMaterial, TlsRole, check_files, client_context
-from .output import fail
+from ..daemon.tls import (
+    INSECURE_WARNING,
+    TlsError,
+    TlsFiles,
+    TlsMaterial,
+    TlsRole,
+    check_files,
+    client_context,
+)
+from .output import fail, is_terminal, say
 
 ConfigOption = Annotated[
     Path | None,
@@ -111,17 +120,32 @@ TlsKeyOption = Annotated[Path | None, setting_option("tls.key", "--tls-key")]
 TLS_KEYS = ("tls.ca", "tls.cert", "tls.key")
 
 
-def tls_flags(ca: Path | None, cert: Path | None, key: Path | None) -> dict[str, object]:
-    """The --tls-* flags as settings flags (None: not given)."""
-    return dict(zip(TLS_KEYS, (ca, cert, key), strict=True))
+InsecureOption = Annotated[bool, setting_option("tls.insecure", "--insecure")]
 
 
-def tls_material(settings: Settings, *roles: TlsRole) -> TlsMaterial | None:
-    """tls.ca, tls.cert and tls.key checked (None when none is set: TLS off); one line naming
-    the problem when only some are set, a file is bad, or the certificate's role is not one of
-    `roles`."""
+def tls_flags(
+    ca: Path | None, cert: Path | None, key: Path | None, insecure: bool = False
+) -> dict[str, object]:
+    """The --tls-* and --insecure flags as settings flags (None: not given)."""
+    return {**dict(zip(TLS_KEYS, (ca, cert, key), strict=True)), "tls.insecure": insecure or None}
+
+
+def tls_material(settings: Settings, *roles: TlsRole, warn: bool = True) -> TlsMaterial | None:
+    """tls.ca, tls.cert and tls.key checked; one line naming the problem when none is set
+    (unless tls.insecure: then None, and a warning if `warn` and stderr is a terminal), only
+    some are set, a file is bad, or the certificate's role is not one of `roles`."""
     paths = [settings[dotted] for dotted in TLS_KEYS]
     if all(path is None for path in paths):
+        if not settings["tls.insecure"]:
+            fail(
+                "mutual TLS is on by default and needs tls.ca, tls.cert and tls.key "
+                "(--tls-ca/--tls-cert/--tls-key, VMSWARM_TLS_*, or [tls] in the config file; "
+                "`vmswarm ca init` and `vmswarm ca issue` make them for a lab); "
+                "to run without TLS pass --insecure"
+            )
+        # People at a terminal are told each time; scripts keep stderr for errors (daemons log it).
+        if warn and is_terminal(sys.stderr):
+            say(f"vmswarm: warning: {INSECURE_WARNING}")
         return None
     unset = [dotted for dotted, path in zip(TLS_KEYS, paths, strict=True) if path is None]
     if unset:
@@ -132,15 +156,16 @@ def tls_material(settings: Settings, *roles: TlsRole) -> TlsMaterial | None:
         fail(f"TLS ({settings.where('tls.cert')}): {exc}")
     if roles and material.role not in roles:
         wanted = " or ".join(role.value for role in roles)
+        article = "an" if wanted[0] in "aeiou" else "a"
         fail(
             f"TLS: certificate {material.files.cert} has role {material.role.value}; "
-            f"this command needs a {wanted} certificate"
+            f"this command needs {article} {wanted} certificate"
         )
     return material
 
 
 def tracker_tls(settings: Settings, *roles: TlsRole) -> ssl.SSLContext | None:
-    """The client context for talking to the tracker, or None when TLS is not configured."""
+    """The client context for talking to the tracker, or None when run with --insecure."""
     material = tls_material(settings, *roles)
     return None if material is None else client_context(material)
 
@@ -149,6 +174,7 @@ __all__ = [
     "TLS_KEYS",
     "ConfigOption",
     "ControlOption",
+    "InsecureOption",
     "JsonOption",
     "ShowConfigOption",
     "TlsCaOption",

@@ -22,6 +22,7 @@ from ..swarm.messages import Role
 from .config_options import (
     ConfigOption,
     ControlOption,
+    InsecureOption,
     JsonOption,
     ShowConfigOption,
     TlsCaOption,
@@ -79,7 +80,9 @@ def node_config(settings: Settings) -> NodeConfig:
         trusted_keys=trust_keys(settings),
         allow_unsigned=settings["cluster.allow_unsigned"],
         scrub_interval=settings["daemon.scrub_interval"],
-        tls=tls_material(settings, TlsRole(role)),  # a host needs a host certificate, and so on
+        tls=tls_material(
+            settings, TlsRole(role), warn=False
+        ),  # a host needs a host certificate, and so on
     )
 
 
@@ -122,6 +125,7 @@ def daemon_run(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
     config: ConfigOption = None,
     show_config: ShowConfigOption = False,
 ) -> None:
@@ -154,7 +158,7 @@ def daemon_run(
             "daemon.peers": peers,
             "log.level": log_level,
             "daemon.metrics": metrics,
-            **tls_flags(tls_ca, tls_cert, tls_key),
+            **tls_flags(tls_ca, tls_cert, tls_key, insecure),
         },
         trusted_key=trusted_key,
         allow_unsigned=allow_unsigned,

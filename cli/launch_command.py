@@ -10,6 +10,7 @@ from ..daemon.tracker_client import DEFAULT_LAUNCH_TIMEOUT, LaunchResult, Tracke
 from ..swarm.address import format_address, parse_address
 from .config_options import (
     ConfigOption,
+    InsecureOption,
     JsonOption,
     TlsCaOption,
     TlsCertOption,
@@ -70,6 +71,7 @@ def launch(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Launch a VM: the tracker picks a host with room, preferring one that holds the template;
     that host fetches the template through the swarm and boots it."""
@@ -85,7 +87,9 @@ def launch(
             name, version, flavor, host=host, vm_name=vm_name, time_limit=wait
         )
 
-    result = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key))
+    result = ask_tracker(
+        config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key, insecure)
+    )
     if json_output:
         print_json(launch_json(result))
         return

@@ -12,10 +12,12 @@ from ..daemon.keys import KeyFileError, load_private_key
 from ..daemon.logfmt import setup_logging
 from ..daemon.publish import PublishResult, default_name, publish
 from ..daemon.rpc import RpcError
+from ..daemon.tls import TlsRole
 from ..swarm.errors import ManifestError
 from ..swarm.manifest import DEFAULT_CHUNK_SIZE, check_chunk_size
 from .config_options import (
     ConfigOption,
+    InsecureOption,
     JsonOption,
     TlsCaOption,
     TlsCertOption,
@@ -23,8 +25,8 @@ from .config_options import (
     TrackerOption,
     load,
     tls_flags,
+    tls_material,
     tracker_address,
-    tracker_tls,
 )
 from .config_options import setting_option as _option
 from .errors import EXIT_FAILURE
@@ -65,6 +67,7 @@ def publish_command(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Publish IMAGE as NAME:VERSION; the centers pull and verify their stripes."""
     settings = load(
@@ -72,12 +75,12 @@ def publish_command(
         {
             "cluster.tracker": tracker_flag,
             "cli.log_level": log_level,
-            **tls_flags(tls_ca, tls_cert, tls_key),
+            **tls_flags(tls_ca, tls_cert, tls_key, insecure),
         },
     )
     setup_logging(settings["cli.log_level"])
     tracker = tracker_address(settings)
-    tls = tracker_tls(settings)
+    tls = tls_material(settings, TlsRole.OPERATOR)  # publishing is an operator's act
     try:
         signing_key = None if sign_key is None else load_private_key(sign_key)
         valid_seconds = parse_duration(valid_for)

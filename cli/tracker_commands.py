@@ -22,6 +22,7 @@ from ..swarm.address import format_address
 from ..swarm.flavors import Flavor
 from .config_options import (
     ConfigOption,
+    InsecureOption,
     JsonOption,
     ShowConfigOption,
     TlsCaOption,
@@ -98,13 +99,14 @@ def templates(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """List the tracker's template catalog."""
 
     async def query(client: TrackerClient) -> list[TemplateInfo]:
         return await client.list_templates()
 
-    found = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key))
+    found = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key, insecure))
     if json_output:
         print_json({"templates": [_template_json(t) for t in found]})
         return
@@ -138,6 +140,7 @@ def peers(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """Show the tracker's view of a template's swarm: each host or center and its progress."""
     try:
@@ -149,7 +152,9 @@ def peers(
         found = await client.lookup(name, version)
         return found.info, await client.swarm(found.template_id)
 
-    info, view = ask_tracker(config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key))
+    info, view = ask_tracker(
+        config, tracker_flag, query, tls_flags(tls_ca, tls_cert, tls_key, insecure)
+    )
     members = [
         {
             "peer_id": m.peer_id.hex(),
@@ -211,6 +216,7 @@ def tracker_run(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
     config: ConfigOption = None,
     show_config: ShowConfigOption = False,
 ) -> None:
@@ -228,7 +234,7 @@ def tracker_run(
             "cluster.flavors": flavors_file,
             "log.level": log_level,
             "tracker.metrics": metrics,
-            **tls_flags(tls_ca, tls_cert, tls_key),
+            **tls_flags(tls_ca, tls_cert, tls_key, insecure),
         },
         trusted_key=trusted_key,
         allow_unsigned=allow_unsigned,
@@ -242,7 +248,7 @@ def tracker_run(
         _serve_until_signal,
         trusted_keys=trust_keys(settings),
         allow_unsigned=settings["cluster.allow_unsigned"],
-        tls=tls_material(settings, TlsRole.TRACKER),
+        tls=tls_material(settings, TlsRole.TRACKER, warn=False),  # it logs
     )
     flavors = load_flavors(settings["cluster.flavors"])
     try:

@@ -22,6 +22,7 @@ from ..swarm.flavors import default_flavors, flavor_list, parse_size
 from .config_options import (
     ConfigOption,
     ControlOption,
+    InsecureOption,
     JsonOption,
     TlsCaOption,
     TlsCertOption,
@@ -93,6 +94,7 @@ def flavors(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """List the flavors (named VM sizes) launches can use: from --flavors FILE, else the tracker,
     else the local daemon, else the built-ins."""
@@ -101,7 +103,7 @@ def flavors(
         {
             "cluster.tracker": tracker_flag,
             "daemon.control": control,
-            **tls_flags(tls_ca, tls_cert, tls_key),
+            **tls_flags(tls_ca, tls_cert, tls_key, insecure),
         },
     )
     tracker: tuple[str, int] | None = settings["cluster.tracker"]
@@ -218,10 +220,13 @@ def vms(
     tls_ca: TlsCaOption = None,
     tls_cert: TlsCertOption = None,
     tls_key: TlsKeyOption = None,
+    insecure: InsecureOption = False,
 ) -> None:
     """List this host's VMs (or with --cluster every host's) with CPU, memory, net and disk."""
     if cluster:
-        _cluster_vms(config, tracker_flag, json_output, tls_flags(tls_ca, tls_cert, tls_key))
+        _cluster_vms(
+            config, tracker_flag, json_output, tls_flags(tls_ca, tls_cert, tls_key, insecure)
+        )
         return
     result = _call(control, config, "vms", {})
     if json_output:

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Literal
 
 from .keys import generate_keypair
+from .pki import CA_CERT_NAME, IssuedFiles, TlsRole, init_ca, issue
 
 # Not `-m vmswarm.cli.main`: that runs the module as __main__, a second copy beside the one the
 # command modules import and register on. This is exactly what the console script does.
@@ -321,6 +322,9 @@ class LocalCluster:
 
     Template signing: with `signing=True` (or `use_signing_key`) every node trusts one publisher
     key and `sign_args` signs a publish with it; without, every node runs with --allow-unsigned.
+
+    Mutual TLS: with `tls=True` the cluster gets its own CA, every node a certificate of its
+    role and CLI calls an operator one; without, every process runs with --insecure (it warns).
     """
 
     def __init__(
@@ -334,6 +338,7 @@ class LocalCluster:
         command: Sequence[str] | None = None,
         cli_command: Sequence[str] | None = None,
         signing: bool = False,
+        tls: bool = False,
     ) -> None:
         self._own_workdir = workdir is None
         self.workdir = (
@@ -355,6 +360,40 @@ class LocalCluster:
         if signing:
             made = generate_keypair(self.workdir / "keys", "publisher")
             self.use_signing_key(made.private_path, made.public_path)
+        self.ca_dir: Path | None = None
+        if tls:
+            self.ca_dir = self.workdir / "pki"
+            init_ca(self.ca_dir, "vmswarm test cluster CA")
+            operator = self.issue_certificate(TlsRole.OPERATOR, "operator")
+            self.env.update(
+                VMSWARM_TLS_CA=str(self.ca_dir / CA_CERT_NAME),
+                VMSWARM_TLS_CERT=str(operator.cert),
+                VMSWARM_TLS_KEY=str(operator.key),
+            )
+        else:
+            self.env["VMSWARM_TLS_INSECURE"] = "true"
+
+    # -- mutual TLS ---------------------------------------------------------------------------
+
+    def issue_certificate(self, role: TlsRole, name: str) -> IssuedFiles:
+        """A certificate of `role` from this cluster's CA (tls=True only), in the CA folder."""
+        if self.ca_dir is None:
+            raise RuntimeError("this cluster runs without TLS (LocalCluster(tls=True) for a CA)")
+        return issue(self.ca_dir, role, name, self.ca_dir / "issued")
+
+    def tls_args(self, role: TlsRole, name: str) -> list[str]:
+        """--tls-* flags with a fresh `role` certificate for node `name` ([] without TLS)."""
+        if self.ca_dir is None:
+            return []
+        made = self.issue_certificate(role, name)
+        return [
+            "--tls-ca",
+            str(self.ca_dir / CA_CERT_NAME),
+            "--tls-cert",
+            str(made.cert),
+            "--tls-key",
+            str(made.key),
+        ]
 
     # -- template signing ---------------------------------------------------------------------
 
@@ -456,7 +495,8 @@ class LocalCluster:
         state_dir.mkdir(parents=True, exist_ok=True)
         args = ["tracker", "run", "--listen", f"{self.host}:{port}", "--state-dir", str(state_dir)]
         trusting = self.trust_args if trust is None else list(trust)
-        process = self._process("tracker", [*args, *trusting, *extra_args])
+        tls = self.tls_args(TlsRole.TRACKER, "tracker")
+        process = self._process("tracker", [*args, *trusting, *tls, *extra_args])
         self.tracker = Node("tracker", "tracker", process, self.host, port, state_dir)
         process.start()
         self.wait_ready(self.tracker)
@@ -497,6 +537,7 @@ class LocalCluster:
             "--control",
             str(control),
             *(self.trust_args if trust is None else trust),
+            *self.tls_args(TlsRole(role), name),
             *extra_args,
         ]
         node = Node(name, role, self._process(name, args), self.host, port, data_dir, control)

@@ -188,8 +188,10 @@ def run_demo(
     """Run the whole demo and stop every process it started, whatever happens."""
     vm_problem = vm_launch_problem() if launch else "not asked to (--no-vm)"
     marker = f"VMSWARM-DEMO-{uuid.uuid4().hex[:8]}"
-    with LocalCluster(workdir) as cluster:
+    # Mutual TLS on every link, as in production: the cluster makes a CA and role certificates.
+    with LocalCluster(workdir, tls=True) as cluster:
         say(f"work dir {cluster.workdir}")
+        say(f"mutual TLS on every link: cluster CA and role certificates in {cluster.ca_dir}")
         # qemu runs as libvirt-qemu and must reach the templates and overlays under it.
         cluster.workdir.chmod(0o755)
         # What an operator does first: a publisher key; every node trusts its public half.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ..swarm.picker import Picker, PickerConfig
 from . import peer_link
 from .bans import BanList, handshake_offence
 from .limits import AddressLimits, remote_host
+from .node_access import dial_roles, link_refusal
 from .peer_link import (
     BufferPool,
     HandshakeError,
@@ -42,6 +44,8 @@ from .ratelimit import RateLimiter
 from .serving import MAX_QUEUED_REQUESTS, ChunkServer
 from .storeerrors import ChunkMismatch, StoreError
 from .template_sources import TemplateData
+from .tls import PeerIdentity, TlsError
+from .tls import connect as tls_connect
 from .transfer_events import TransferEvents, role_label
 
 log = logging.getLogger(__name__)
@@ -266,11 +270,13 @@ class TemplateDownload:
         events: TransferEvents | None = None,
         bans: BanList | None = None,
         address_limits: AddressLimits | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.data = data
         # Node-wide: misbehaving peers banned for a while, and connections per IP address.
         self._bans = bans
         self._address_limits = address_limits
+        self._tls = tls  # mutual TLS on the links we open (daemon/tls.py client_context)
         self.events = events or TransferEvents()
         self._label = f"{data.manifest.name}:{data.manifest.version}"
         # When each missing chunk was first requested: the fetch-latency histogram's start.
@@ -1094,15 +1100,20 @@ class TemplateDownload:
             try:
                 with trio.fail_after(self.config.connect_timeout):
                     stream = await trio.open_tcp_stream(address.host, address.port)
+                session, identity = await self._secure(stream)
                 link = await peer_link.connect(
-                    stream,
+                    session,
                     self.local,
                     self.template_id,
                     self.data.have(),
                     max_chunk_size=self.manifest.chunk_size,
                     options=self.config.link,
                 )
-            except (OSError, trio.TooSlowError, HandshakeError) as exc:
+                refusal = None if identity is None else link_refusal(identity.role, link.role)
+                if refusal is not None:
+                    await trio.aclose_forcefully(session)
+                    raise TlsError(f"{identity}: {refusal}")
+            except (OSError, trio.TooSlowError, HandshakeError, TlsError) as exc:
                 self._dial_failed[key] = trio.current_time()
                 log.info("cannot link to %s:%d for %s: %s", *key, self.manifest.name, exc)
                 return
@@ -1114,6 +1125,20 @@ class TemplateDownload:
                 self._budget.release()
             if self._address_limits is not None:
                 self._address_limits.release(address.host)
+
+    async def _secure(
+        self, stream: trio.SocketStream
+    ) -> tuple[trio.abc.Stream, PeerIdentity | None]:
+        """The stream to speak on: under TLS, after a handshake with a peer we may link to."""
+        if self._tls is None:
+            return stream, None
+        options = self.config.link or LinkOptions()
+        return await tls_connect(
+            stream,
+            self._tls,
+            allowed=dial_roles(self.local.role),
+            handshake_seconds=options.handshake_timeout,
+        )
 
     # -- background tasks -----------------------------------------------------------------------
 

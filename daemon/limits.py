@@ -40,9 +40,17 @@ class AddressLimits:
         return self._counts.get(host, 0)
 
 
+def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The TCP socket under a stream (also under TLS), or None (a test's memory stream)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    sock = getattr(stream, "socket", None)
+    return sock if isinstance(sock, trio.socket.SocketType) else None
+
+
 def remote_host(stream: trio.abc.Stream) -> str | None:
     """The IP address at the other end of a socket stream (IPv4-mapped IPv6 unmapped)."""
-    sock = getattr(stream, "socket", None)
+    sock = socket_of(stream)
     if sock is None:
         return None
     try:

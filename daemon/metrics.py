@@ -42,6 +42,7 @@ DROP_REASONS = (
     "total_limit",
     "handshake_timeout",
     "idle_timeout",
+    "tls_refused",
 )
 # Placement outcomes: swarm.vm_placement's reasons and PlacementError codes; anything else "other".
 PLACEMENT_REASONS = ("requested", "locality", "least_loaded", "no_capacity", "unknown_host")
@@ -95,7 +96,7 @@ class MetricsEvents(TransferEvents):
         )
         dropped = Counter(
             f"{PREFIX}_connections_dropped",
-            "Peer connections refused or cut: banned, over a connection cap, or timed out",
+            "Peer connections refused or cut: banned, over a cap, timed out, or TLS refused",
             ["reason"],
             registry=registry,
         )

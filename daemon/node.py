@@ -49,6 +49,7 @@ from .keys import log_trust
 from .limits import DEFAULT_PER_ADDRESS, AddressLimits, remote_host
 from .metrics import node_registry
 from .metrics_http import serve_metrics
+from .node_access import INBOUND_LINK_ROLES, link_refusal, rpc_table
 from .peer_link import (
     HandshakeError,
     LinkOptions,
@@ -62,7 +63,16 @@ from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
 from .storeerrors import StoreCorruptError, StoreError
 from .template_sources import CenterTemplate, HostTemplate, TemplateData
-from .tls import TlsMaterial, client_context
+from .tls import (
+    INSECURE_WARNING,
+    PeerIdentity,
+    TlsError,
+    TlsMaterial,
+    client_context,
+    server_context,
+)
+from .tls import accept as tls_accept
+from .tracker_access import guarded
 from .tracker_client import TemplateHave, TrackerUnreachable
 from .tracker_link import TrackerLink
 from .vm_launcher import VmLauncher
@@ -117,7 +127,7 @@ class NodeConfig:
     idle_timeout: float | None = None
     # A storage center re-hashes every stored chunk this often (seconds; 0: only on request).
     scrub_interval: float = DEFAULT_SCRUB_INTERVAL
-    # Mutual TLS to the tracker (peer links stay plain for now); None: plain TCP.
+    # Mutual TLS on every TCP link (tracker, peers, RPC); None: plain TCP (--insecure).
     tls: TlsMaterial | None = None
 
     @property
@@ -197,6 +207,9 @@ class Node:
         # This node's own registry (never the global one); served when config.metrics_listen is set.
         self.metrics_registry, self.metrics_events = node_registry(self)
         self.metrics_bound: tuple[str, int] | None = None
+        # One context each way for every link: loading the certificate files once.
+        self._tls_server = None if config.tls is None else server_context(config.tls)
+        self._tls_client = None if config.tls is None else client_context(config.tls)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -206,6 +219,15 @@ class Node:
         """Serve until cancelled; `started` gets the bound TCP (host, port)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log_trust(self.trust, f"{self.role.value} daemon")
+        if self.config.tls is None:
+            log.warning("%s daemon is %s", self.role.value, INSECURE_WARNING)
+        else:
+            log.info(
+                "mutual TLS on every link (CA %s, %s certificate %r)",
+                self.config.tls.files.ca,
+                self.config.tls.role.value,
+                self.config.tls.name,
+            )
         control = await open_control_listener(self.config.control)
         try:
             self.peer_id = load_peer_id(self.data_dir)
@@ -223,7 +245,7 @@ class Node:
                 rack=self.config.rack,
                 capacity=lambda: None if self.vms is None else self.vms.capacity(),
                 on_connected=self._on_tracker_connected,
-                tls=None if self.config.tls is None else client_context(self.config.tls),
+                tls=self._tls_client,
             )
             self.vms = self._vm_service()
             sources = await self._open_stores()
@@ -352,6 +374,7 @@ class Node:
             events=self.metrics_events,
             bans=self.bans,
             address_limits=self.address_limits,
+            tls=self._tls_client,
         )
         self.templates[download.template_id] = download
         await self._nursery.start(download.run)
@@ -407,9 +430,19 @@ class Node:
             await trio.aclose_forcefully(stream)
             return
         self._unidentified += 1
+        session: trio.abc.Stream = stream
+        identity: PeerIdentity | None = None
         try:
             with trio.fail_after(timeout):
-                first = await _read_prefix(stream, 5)
+                if self._tls_server is not None:
+                    session, identity = await tls_accept(
+                        stream, self._tls_server, handshake_seconds=timeout
+                    )
+                first = await _read_prefix(session, 5)
+        except TlsError as exc:
+            log.info("refused TLS from %s: %s", host, exc)
+            self._drop("tls_refused")
+            first = None
         except trio.TooSlowError:
             self._drop("handshake_timeout")
             first = None
@@ -418,38 +451,50 @@ class Node:
         finally:
             self._unidentified -= 1
         if first is None:
-            await trio.aclose_forcefully(stream)
+            await trio.aclose_forcefully(session)
             return
         if is_rpc_frame_type(first[4]):
-            await serve_rpc(stream, self._tcp_handlers(), first_bytes=first)
+            handlers = self._tcp_handlers()
+            if identity is not None:
+                handlers = guarded(handlers, identity.role, rpc_table(self.role, handlers))
+            await serve_rpc(session, handlers, first_bytes=first)
             return
         conn = Connection(self.role)
         if not self.budget.try_acquire():
             self._drop("total_limit")
-            await refuse(stream, conn, f"too many connections (at most {self.budget.limit})")
+            await refuse(session, conn, f"too many connections (at most {self.budget.limit})")
             return
         try:
             try:
                 with trio.fail_after(timeout):
-                    their = await read_handshake(stream, conn, first)
+                    their = await read_handshake(session, conn, first)
             except (HandshakeError, trio.TooSlowError, *_STREAM_ERRORS) as exc:
                 log.info("inbound handshake from %s failed: %s", host, exc or "timed out")
                 self._handshake_failed(exc, host)
-                await trio.aclose_forcefully(stream)
+                await trio.aclose_forcefully(session)
                 return
+            if identity is not None:
+                refusal = _inbound_link_refusal(identity, their.role)
+                if refusal is not None:
+                    log.warning("refusing a link from %s (%s): %s", host, identity, refusal)
+                    self._drop("tls_refused")
+                    await refuse(session, conn, refusal)
+                    return
             ban = self.bans.banned(trio.current_time(), peer_id=their.peer_id)
             if ban is not None:
                 self._drop("banned")
-                await refuse(stream, conn, f"banned for a while: {ban.reason}")
+                await refuse(session, conn, f"banned for a while: {ban.reason}")
                 return
             download = self.templates.get(their.template_id)
             if download is None:
-                await refuse(stream, conn, f"unknown template {their.template_id.hex()}")
+                await refuse(session, conn, f"unknown template {their.template_id.hex()}")
                 return
             if their.role is Role.HOST and not self._trades_with_hosts:
-                await refuse(stream, conn, "this host does not trade with other hosts (--no-peers)")
+                await refuse(
+                    session, conn, "this host does not trade with other hosts (--no-peers)"
+                )
                 return
-            await download.accept(stream, conn, their)
+            await download.accept(session, conn, their)
         finally:
             self.budget.release()
 
@@ -802,6 +847,13 @@ def _progress_notice(p: Progress) -> dict[str, Any]:
         "bytes_from_peers": p.bytes_from_peers,
         "eta": p.eta,
     }
+
+
+def _inbound_link_refusal(identity: PeerIdentity, claimed: Role) -> str | None:
+    """Why a peer with this certificate may not open a link claiming `claimed`; None if ok."""
+    if identity.role not in INBOUND_LINK_ROLES:
+        return f"{identity.role.value} certificates may not open peer links"
+    return link_refusal(identity.role, claimed)
 
 
 def _source_address(value: object) -> PeerAddress:

@@ -41,6 +41,7 @@ from ..swarm.messages import (
     Role,
 )
 from .bans import offence_of
+from .limits import socket_of
 from .ratelimit import RateLimiter, limiter_for
 
 log = logging.getLogger(__name__)
@@ -596,7 +597,7 @@ class PeerLink:
 
 
 def _remote_address(stream: trio.abc.Stream) -> tuple[str, int] | None:
-    sock = getattr(stream, "socket", None)
+    sock = socket_of(stream)
     if sock is None:
         return None
     try:

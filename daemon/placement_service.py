@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import ssl
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..swarm.vm_placement import HostCandidate, HostCapacity, PlacementError, ch
 from .announces import AnnounceTable, PeerAnnounce
 from .catalog import Catalog, TemplateEntry
 from .rpc import LINK_ERRORS, RpcClient, RpcError
+from .tls import TlsError, TlsRole
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,20 @@ class HostCaller(Protocol):
 
 
 async def call_host(
-    address: tuple[str, int], method: str, params: Params, time_limit: float
+    address: tuple[str, int],
+    method: str,
+    params: Params,
+    time_limit: float,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> Params:
-    """One call on a fresh connection; a broken link or silence is RpcError("host_unreachable")."""
+    """One call on a fresh connection (mutual TLS to a host certificate with `tls`); a broken
+    link, a refused certificate or silence is RpcError("host_unreachable")."""
     label = format_address(*address)
     try:
         with trio.fail_after(DEFAULT_CONNECT_TIMEOUT):
-            client = await RpcClient.connect_tcp(*address)
-    except (OSError, trio.TooSlowError) as exc:
+            client = await RpcClient.connect_tcp(*address, tls=tls, allowed={TlsRole.HOST})
+    except (OSError, trio.TooSlowError, TlsError) as exc:
         raise RpcError(
             "host_unreachable", f"cannot reach host daemon {label}: {exc or 'timed out'}"
         ) from None

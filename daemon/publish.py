@@ -7,6 +7,7 @@ The catalog entry is written last, so it never names chunks that no center store
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import secrets
@@ -29,6 +30,7 @@ from .peer_link import LocalPeer
 from .rpc import RpcClient, RpcError
 from .serving import run_seeder
 from .template_sources import ImageFileTemplate
+from .tls import TlsError, TlsMaterial, TlsRole, client_context, server_context
 from .tracker_client import CenterInfo, TrackerClient, TrackerUnreachable
 
 log = logging.getLogger(__name__)
@@ -108,12 +110,17 @@ async def _replicate(
     indices: list[int],
     source: tuple[str, int],
     signature: bytes | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> CenterResult:
     label = f"{center.host}:{center.port}"
     try:
-        client = await RpcClient.connect_tcp(center.host, center.port)
+        client = await RpcClient.connect_tcp(
+            center.host, center.port, tls=tls, allowed={TlsRole.STORAGE}
+        )
     except OSError as exc:
         raise PublishError(f"cannot reach storage center {label}: {exc}") from exc
+    except TlsError as exc:
+        raise PublishError(f"TLS to storage center {label} failed: {exc}") from exc
     try:
         with trio.fail_after(REPLICATE_TIMEOUT):
             result = await client.call(
@@ -152,12 +159,13 @@ async def publish(
     on_step: Callable[[str], None] | None = None,
     signing_key: Ed25519PrivateKey | None = None,
     valid_for: float | None = DEFAULT_VALID_FOR,
-    tls: ssl.SSLContext | None = None,
+    tls: TlsMaterial | None = None,
 ) -> PublishResult:
     """Publish `image` as NAME:VERSION; see the module docstring for the order of steps.
 
     With `signing_key` the template is signed, valid for `valid_for` seconds (None: no expiry);
-    the centers and the tracker check that signature against the keys they trust.
+    the centers and the tracker check that signature against the keys they trust. With `tls`
+    (an operator certificate) every link is mutual TLS: tracker, centers and our seeder.
     """
     started = time.perf_counter()
     step = on_step or (lambda _text: None)
@@ -173,8 +181,9 @@ async def publish(
         signature = sign_template(signing_key, manifest.template_id, min(not_after, MAX_NOT_AFTER))
         step(f"signed with key {signature.key_id.hex()}, valid until {signature.expires}")
     envelope = None if signature is None else signature.encode()
+    dialing = None if tls is None else client_context(tls)
     try:
-        client = await TrackerClient.connect(*tracker, tls=tls)  # tls: mutual TLS, tracker only
+        client = await TrackerClient.connect(*tracker, tls=dialing)
     except TrackerUnreachable as exc:
         raise PublishError(str(exc)) from exc
     async with client:
@@ -192,7 +201,13 @@ async def publish(
         try:
             async with trio.open_nursery() as nursery:
                 source = await nursery.start(
-                    run_seeder, data, LocalPeer(secrets.token_bytes(16), Role.STORAGE), host
+                    functools.partial(
+                        run_seeder,
+                        data,
+                        LocalPeer(secrets.token_bytes(16), Role.STORAGE),
+                        host,
+                        tls=None if tls is None else server_context(tls),
+                    )
                 )
                 step(
                     f"seeding {manifest.chunk_count} chunks to {len(centers)} storage centers "
@@ -203,7 +218,14 @@ async def publish(
                     indices = placement.get(center.peer_id.hex(), [])
                     if indices:
                         results.append(
-                            await _replicate(center, manifest, indices, source, envelope)
+                            await _replicate(
+                                center,
+                                manifest,
+                                indices,
+                                source,
+                                envelope,
+                                dialing,
+                            )
                         )
 
                 async with trio.open_nursery() as workers:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+import ssl
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
 import trio
@@ -13,6 +14,8 @@ from ..swarm.errors import LocalProtocolError, RemoteProtocolError
 from ..swarm.messages import Goodbye, KeepAlive
 from ..swarm.rpc import Call, Fail, Notice, Reply, RpcConnection, RpcEvent, RpcSide
 from .coded_error import CodedError
+from .tls import TlsRole
+from .tls import connect as tls_connect
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +71,20 @@ class RpcClient:
         self._lock = trio.Lock()
 
     @classmethod
-    async def connect_tcp(cls, host: str, port: int) -> RpcClient:
-        return cls(await trio.open_tcp_stream(host, port))
+    async def connect_tcp(
+        cls,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None = None,
+        allowed: Collection[TlsRole] | None = None,
+    ) -> RpcClient:
+        """A session over TCP; with `tls`, mutual TLS to a peer of an `allowed` role (TlsError)."""
+        stream = await trio.open_tcp_stream(host, port)
+        if tls is None:
+            return cls(stream)
+        session, _ = await tls_connect(stream, tls, allowed=allowed)
+        return cls(session)
 
     @classmethod
     async def connect_unix(cls, path: str) -> RpcClient:

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import math
 import os
+import ssl
 from collections.abc import Callable
 
 import trio
@@ -34,6 +35,8 @@ from .peer_link import (
 from .ratelimit import RateLimiter
 from .storeerrors import ChunkAbsent, ChunkCorrupt, StoreError
 from .template_sources import TemplateData
+from .tls import TlsError, TlsRole
+from .tls import accept as tls_accept
 
 log = logging.getLogger(__name__)
 
@@ -289,11 +292,13 @@ async def run_seeder(
     port: int = 0,
     *,
     upload_slots: int = DEFAULT_UPLOAD_SLOTS,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """A temporary seeding server for one template; `started` gets the bound (host, port).
 
-    Runs until cancelled. Used by `vmswarm publish` to feed the storage centers.
+    Runs until cancelled. Used by `vmswarm publish` to feed the storage centers; with `tls`
+    (a server context) only storage-center certificates may connect.
     """
     slots = trio.Semaphore(upload_slots)
     listeners = await trio.open_tcp_listeners(port, host=host)
@@ -301,7 +306,14 @@ async def run_seeder(
 
     async def handle(stream: trio.SocketStream) -> None:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            await serve_template(stream, data, our, upload_slots=slots)
+            session: trio.abc.Stream = stream
+            if tls is not None:
+                try:
+                    session, _ = await tls_accept(stream, tls, allowed={TlsRole.STORAGE})
+                except TlsError as exc:
+                    log.warning("seeder refused a TLS client: %s", exc)
+                    return
+            await serve_template(session, data, our, upload_slots=slots)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(trio.serve_listeners, handle, listeners)

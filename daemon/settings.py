@@ -312,7 +312,7 @@ KEYS: tuple[Key, ...] = (
         "ca",
         _path,
         None,
-        "Cluster CA certificate (PEM) for mutual TLS to the tracker (unset: TLS off).",
+        "Cluster CA certificate (PEM) that every peer's certificate must chain to.",
         flag="--tls-ca",
     ),
     Key(
@@ -324,6 +324,14 @@ KEYS: tuple[Key, ...] = (
         flag="--tls-cert",
     ),
     Key("tls", "key", _path, None, "This node's private key (PEM, mode 0600).", flag="--tls-key"),
+    Key(
+        "tls",
+        "insecure",
+        _boolean,
+        False,
+        "Run without mutual TLS when no tls.ca/cert/key is set (labs and demos only; warns).",
+        flag="--insecure",
+    ),
     Key("log", "level", _choice(*LOG_LEVELS), "info", "Log threshold of the daemon and tracker."),
     Key(
         "cli",

@@ -32,6 +32,11 @@ from .pki import (
     role_of,
 )
 
+INSECURE_WARNING = (
+    "running WITHOUT mutual TLS (--insecure / tls.insecure): links are plain TCP, nobody is "
+    "authenticated and anyone who can reach the ports can join the swarm; labs and demos only"
+)
+
 # A handshake that takes longer than this is a dead or hostile peer, not a slow one.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 
@@ -258,6 +263,7 @@ async def _identity(
 
 __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "INSECURE_WARNING",
     "PeerIdentity",
     "TlsError",
     "TlsFiles",

@@ -31,7 +31,15 @@ from .metrics_http import serve_metrics
 from .placement_service import HostCaller, PlacementService, call_host
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
-from .tls import TlsError, TlsMaterial, TlsRole, accept, server_context
+from .tls import (
+    INSECURE_WARNING,
+    TlsError,
+    TlsMaterial,
+    TlsRole,
+    accept,
+    client_context,
+    server_context,
+)
 from .tracker_access import guarded
 
 log = logging.getLogger(__name__)
@@ -524,9 +532,14 @@ async def run(
             on_announce=counters.announced,
             on_placement=counters.placed,
             tls_context=None if tls is None else server_context(tls),
+            host_caller=call_host
+            if tls is None
+            else functools.partial(call_host, tls=client_context(tls)),
         )
         if tls is not None:
             log.info("tracker requires mutual TLS (CA %s, certificate %s)", tls.files.ca, tls.name)
+        else:
+            log.warning("tracker is %s", INSECURE_WARNING)
         registry.register(TrackerCollector(tracker.announces, catalog))
         listeners = await trio.open_tcp_listeners(listen_port, host=listen_host or None)
         sockname = listeners[0].socket.getsockname()

@@ -1,5 +1,7 @@
 """Which certificate roles may call which tracker RPC method (enforced only under mutual TLS).
 
+`guarded` also takes another table: daemon/node_access.py has the daemons' own.
+
 Announcing makes a node a source, so only hosts and storage centers announce, each only under
 its own role. Registering a template is publishing: operators, and storage centers that
 re-register what they hold after the tracker lost its state (daemon/node.py _register_held).
@@ -32,9 +34,14 @@ METHOD_ROLES: Mapping[str, frozenset[TlsRole]] = MappingProxyType(
 )
 
 
-def check(method: str, role: TlsRole, params: Mapping[str, Any]) -> None:
-    """RpcError("forbidden") unless a `role` certificate may make this call."""
-    allowed = METHOD_ROLES.get(method, frozenset())
+def check(
+    method: str,
+    role: TlsRole,
+    params: Mapping[str, Any],
+    table: Mapping[str, frozenset[TlsRole]] = METHOD_ROLES,
+) -> None:
+    """RpcError("forbidden") unless a `role` certificate may make this call (by `table`)."""
+    allowed = table.get(method, frozenset())
     if role not in allowed:
         raise RpcError("forbidden", f"{role.value} certificates may not call {method}")
     # A host must not pose as a storage center (or back): centers rank first in the handout.
@@ -45,12 +52,16 @@ def check(method: str, role: TlsRole, params: Mapping[str, Any]) -> None:
         )
 
 
-def guarded(handlers: Mapping[str, Handler], role: TlsRole) -> dict[str, Handler]:
-    """`handlers`, each checking first that `role` may call it."""
+def guarded(
+    handlers: Mapping[str, Handler],
+    role: TlsRole,
+    table: Mapping[str, frozenset[TlsRole]] = METHOD_ROLES,
+) -> dict[str, Handler]:
+    """`handlers`, each checking first that `role` may call it (by `table`)."""
 
     def wrap(method: str, handler: Handler) -> Handler:
         async def checked(params: dict[str, Any], notifier: Notifier) -> dict[str, Any]:
-            check(method, role, params)
+            check(method, role, params, table)
             return await handler(params, notifier)
 
         return checked

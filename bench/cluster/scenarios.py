@@ -465,7 +465,8 @@ def _run_vmswarm(
     tracker_ip = net.node(TRACKER).address
     tracker = f"{tracker_ip}:{TRACKER_PORT}"
     key = generate_keypair(workdir / "keys")  # signed templates, as a production cluster runs
-    trust = ["--trusted-key", str(key.public_path)]
+    # Plain TCP like the libtorrent and aria2 baselines; bench.loopback measures what TLS costs.
+    trust = ["--trusted-key", str(key.public_path), "--insecure"]
     processes.start(
         TRACKER,
         TRACKER,
@@ -517,6 +518,7 @@ def _run_vmswarm(
         str(settings.chunk_size),
         "--sign-key",
         str(key.private_path),
+        "--insecure",
         "--json",
     ]
     done = subprocess.run(

@@ -158,7 +158,7 @@ def test_daemon_run_parses_upload_limit_into_the_node_config(
     app = typer.Typer()
     daemon_commands.register(app)
     runner = CliRunner()
-    base = ["daemon", "run", "--role", "storage", "--data-dir", str(tmp_path)]
+    base = ["daemon", "run", "--role", "storage", "--data-dir", str(tmp_path), "--insecure"]
     result = runner.invoke(app, [*base, "--upload-limit", "100Mbit"])
     assert result.exit_code == 0, result.output
     assert seen[-1].upload_limit == pytest.approx(12.5e6)

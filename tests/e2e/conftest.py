@@ -14,3 +14,10 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """A cluster with nothing started yet (each test starts its tracker with its options)."""
     with LocalCluster(tmp_path / "cluster") as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def plain_tcp_unless_certificates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes these tests spawn by hand run --insecure, as LocalCluster(tls=False) does;
+    certificates given to a process still win (the TLS tests give them)."""
+    monkeypatch.setenv("VMSWARM_TLS_INSECURE", "true")

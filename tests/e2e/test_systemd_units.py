@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from vmswarm.daemon.cluster import free_port, vmswarm_script
+from vmswarm.daemon.pki import CA_CERT_NAME, TlsRole, init_ca, issue
 
 from ..ci import unavailable
 
@@ -29,6 +30,11 @@ pytestmark = pytest.mark.e2e
 
 UNIT_DIR = Path(__file__).resolve().parents[2] / "systemd"
 UNITS = ["vmswarm-tracker.service", "vmswarm-storage.service", "vmswarm-host.service"]
+UNIT_ROLES = {
+    "vmswarm-tracker.service": "tracker",
+    "vmswarm-storage.service": "storage",
+    "vmswarm-host.service": "host",
+}
 INSTALLED_BINARY = "/usr/local/bin/vmswarm"
 INSTALLED_CONFIG = Path("/etc/vmswarm/vmswarm.toml")
 # `systemd-analyze security` rates 0.0 (locked down) to 10.0 (wide open); --threshold counts
@@ -163,14 +169,18 @@ def test_each_units_command_line_starts_its_service(tmp_path: Path, short_dir: P
     systemd.bind(str(short_dir / "notify"))
     systemd.settimeout(WAIT)
     processes: list[subprocess.Popen[bytes]] = []
+    init_ca(tmp_path / "pki")  # production runs mutual TLS: each unit gets a cert of its role
     with systemd:
         try:
             for name in UNITS:
+                made = issue(tmp_path / "pki", TlsRole(UNIT_ROLES[name]), UNIT_ROLES[name])
                 config = tmp_path / f"{name}.toml"
                 config.write_text(
                     f'[cluster]\ntracker = "127.0.0.1:{tracker_port}"\n'
                     f'[tracker]\nlisten = "127.0.0.1:{tracker_port}"\n'
                     f'[daemon]\nlisten = "127.0.0.1:{free_port()}"\nlibvirt_uri = "none"\n'
+                    f'[tls]\nca = "{tmp_path / "pki" / CA_CERT_NAME}"\n'
+                    f'cert = "{made.cert}"\nkey = "{made.key}"\n'
                 )
                 log_path = tmp_path / f"{name}.log"
                 with log_path.open("wb") as log:
@@ -259,11 +269,16 @@ def test_a_host_daemon_with_libvirt_runs_without_writable_executable_memory(
     notify = short_dir / "notify"
     control = short_dir / "control.sock"
     port = free_port()
+    # As in production: mutual TLS on, so OpenSSL also loads under MemoryDenyWriteExecute.
+    init_ca(tmp_path / "pki")
+    made = issue(tmp_path / "pki", TlsRole.HOST, "h1")
     argv = [
         str(vmswarm_script()),
         *("daemon", "run", "--role", "host", "--data-dir", str(tmp_path / "host")),
         *("--listen", f"127.0.0.1:{port}", "--control", str(control)),
         *("--libvirt-uri", "test:///default"),
+        *("--tls-ca", str(tmp_path / "pki" / CA_CERT_NAME)),
+        *("--tls-cert", str(made.cert), "--tls-key", str(made.key)),
     ]
     log_path = tmp_path / "host.log"
     with (

@@ -107,11 +107,15 @@ def test_launch_boots_the_published_template_and_delete_cleans_up(
         [vmswarm, "manifest", str(disk.path), "--json"], capture_output=True, check=True, text=True
     )
     expected = bytes.fromhex(json.loads(manifest.stdout)["digest"])
-    with LocalCluster(workdir / "cluster") as cluster:
+    # As production runs: signed templates, mutual TLS on every link (tracker -> host included).
+    with LocalCluster(workdir / "cluster", signing=True, tls=True) as cluster:
         cluster.start_tracker()
         cluster.start_center("center1")
         cluster.run_cli(
-            "publish", str(disk.path), "--name", "tiny", "--version", "1", "--replicas", "1"
+            "publish",
+            str(disk.path),
+            *("--name", "tiny", "--version", "1", "--replicas", "1"),
+            *cluster.sign_args,
         )
         hosts = [cluster.start_host(f"host{i}", "--libvirt-uri", LIBVIRT_URI) for i in (1, 2)]
 
