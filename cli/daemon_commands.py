@@ -131,8 +131,8 @@ def daemon_run(
 ) -> None:
     """Run a host or storage-center daemon until SIGTERM or SIGINT.
 
-    With tls.ca/cert/key (--tls-*), the daemon talks to the tracker over mutual TLS with a
-    certificate of its own role (host or storage); links between peers stay plain for now.
+    Every link (tracker, peers, RPC) is mutual TLS with tls.ca/cert/key (--tls-*) and a
+    certificate of the daemon's own role; --insecure runs plain TCP instead (it warns).
     """
     settings = run_settings(
         config,

@@ -48,6 +48,18 @@ def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     return sock if isinstance(sock, trio.socket.SocketType) else None
 
 
+async def hung_up_silently(stream: trio.abc.Stream) -> bool:
+    """Wait for a new connection's first byte without taking it; True if the client closed
+    first (a port probe or health check: not worth a refusal in the log)."""
+    sock = socket_of(stream)
+    if sock is None:
+        return False
+    try:
+        return await sock.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
+
+
 def remote_host(stream: trio.abc.Stream) -> str | None:
     """The IP address at the other end of a socket stream (IPv4-mapped IPv6 unmapped)."""
     sock = socket_of(stream)

@@ -46,7 +46,7 @@ from .download import (
 from .imagestore import ImageStore
 from .journal import atomic_write
 from .keys import log_trust
-from .limits import DEFAULT_PER_ADDRESS, AddressLimits, remote_host
+from .limits import DEFAULT_PER_ADDRESS, AddressLimits, hung_up_silently, remote_host
 from .metrics import node_registry
 from .metrics_http import serve_metrics
 from .node_access import INBOUND_LINK_ROLES, link_refusal, rpc_table
@@ -435,6 +435,8 @@ class Node:
         try:
             with trio.fail_after(timeout):
                 if self._tls_server is not None:
+                    if await hung_up_silently(stream):
+                        raise trio.BrokenResourceError("closed before the TLS handshake")
                     session, identity = await tls_accept(
                         stream, self._tls_server, handshake_seconds=timeout
                     )
@@ -457,7 +459,9 @@ class Node:
             handlers = self._tcp_handlers()
             if identity is not None:
                 handlers = guarded(handlers, identity.role, rpc_table(self.role, handlers))
-            await serve_rpc(session, handlers, first_bytes=first)
+            await serve_rpc(
+                session, handlers, first_bytes=first, idle_timeout=self.link_options.idle_timeout
+            )
             return
         conn = Connection(self.role)
         if not self.budget.try_acquire():

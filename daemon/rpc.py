@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
@@ -134,9 +135,14 @@ class RpcClient:
 
 
 async def serve_rpc(
-    stream: trio.abc.Stream, handlers: Mapping[str, Handler], *, first_bytes: bytes = b""
+    stream: trio.abc.Stream,
+    handlers: Mapping[str, Handler],
+    *,
+    first_bytes: bytes = b"",
+    idle_timeout: float = math.inf,
 ) -> None:
-    """Answer calls on `stream` until the client leaves; protocol errors end the session."""
+    """Answer calls on `stream` until the client leaves; protocol errors end the session, and
+    so does waiting more than `idle_timeout` seconds for the next call (a call may run longer)."""
     conn = RpcConnection(RpcSide.SERVER)
     if first_bytes:
         conn.receive_data(first_bytes)
@@ -148,7 +154,11 @@ async def serve_rpc(
 
     try:
         while True:
-            event = await _next_event(stream, conn)
+            with trio.move_on_after(idle_timeout) as idle:
+                event = await _next_event(stream, conn)
+            if idle.cancelled_caught:
+                log.info("closing an RPC session idle for %gs", idle_timeout)
+                return
             if event is None or isinstance(event, Goodbye):
                 return
             if not isinstance(event, Call):

@@ -188,8 +188,8 @@ def describe_failure(exc: BaseException) -> str:
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
     if isinstance(cause, ssl.SSLCertVerificationError):
-        # X509_V_ERR_UNABLE_TO_GET_ISSUER_CERT(_LOCALLY) / DEPTH_ZERO_SELF_SIGNED_CERT
-        hint = " (not signed by our cluster CA)" if cause.verify_code in (2, 18, 20) else ""
+        # ..._UNABLE_TO_GET_ISSUER_CERT(_LOCALLY), (DEPTH_ZERO_)SELF_SIGNED_CERT(_IN_CHAIN)
+        hint = " (not signed by our cluster CA)" if cause.verify_code in (2, 18, 19, 20) else ""
         return f"the peer's certificate was refused: {cause.verify_message}{hint}"
     if isinstance(cause, ssl.SSLError):
         reason = str(cause.reason or "")

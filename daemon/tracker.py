@@ -26,12 +26,14 @@ from ..swarm.vm_placement import CAPACITY_KEYS, HostCapacity
 from .announces import AnnounceTable, Holding, PeerAnnounce
 from .catalog import Catalog, CatalogError, TemplateEntry
 from .keys import log_trust
+from .limits import hung_up_silently
 from .metrics import TrackerCollector, TrackerMetrics, new_registry
 from .metrics_http import serve_metrics
 from .placement_service import HostCaller, PlacementService, call_host
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
 from .tls import (
+    DEFAULT_HANDSHAKE_TIMEOUT,
     INSECURE_WARNING,
     TlsError,
     TlsMaterial,
@@ -206,6 +208,10 @@ class Tracker:
             session: trio.abc.Stream = stream
             role: TlsRole | None = None
             if self._tls_context is not None:
+                with trio.move_on_after(DEFAULT_HANDSHAKE_TIMEOUT) as waiting:
+                    silent = await hung_up_silently(stream)
+                if silent or waiting.cancelled_caught:
+                    return  # a port probe, or a client that never starts: nothing to refuse
                 try:
                     session, identity = await accept(stream, self._tls_context)
                 except TlsError as exc:
@@ -213,7 +219,10 @@ class Tracker:
                     return
                 role = identity.role
                 log.debug("TLS client %s is %s", remote_host, identity)
-            await serve_rpc(session, self.handlers(remote_host, role))
+            # Daemons call at least every TTL/3; a client silent for two TTLs is gone or hostile.
+            await serve_rpc(
+                session, self.handlers(remote_host, role), idle_timeout=2 * self.announces.ttl
+            )
         except Exception:  # one client's failure must never stop the tracker
             log.exception(
                 "tracker session with %s failed", remote_host, extra={"remote": remote_host}

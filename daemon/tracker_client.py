@@ -321,11 +321,14 @@ def _center_info(data: Mapping[str, Any]) -> CenterInfo:
     )
 
 
-def _link_failure(exc: Exception) -> str:
+def _link_failure(exc: Exception, tls: bool, first: bool) -> str:
     # Under TLS 1.3 a tracker that refuses our certificate shows only as a broken first call.
     if isinstance(exc.__cause__, ssl.SSLError):
         return describe_failure(exc)
-    return str(exc) or type(exc).__name__
+    text = str(exc) or type(exc).__name__
+    if tls and first:
+        text += " (the tracker may have refused our certificate; its log says why)"
+    return text
 
 
 class TrackerClient:
@@ -338,6 +341,7 @@ class TrackerClient:
         *,
         call_timeout: float = DEFAULT_CALL_TIMEOUT,
         local_host: str | None = None,
+        tls: bool = False,
     ) -> None:
         self._rpc = rpc
         self.address = address
@@ -345,6 +349,8 @@ class TrackerClient:
         self.local_host = local_host
         self._call_timeout = call_timeout
         self._broken: str | None = None
+        self._tls = tls
+        self._calls = 0
 
     @classmethod
     async def connect(
@@ -385,7 +391,11 @@ class TrackerClient:
             except TlsError as exc:
                 raise TrackerUnreachable(f"tracker {label}: TLS: {exc}") from None
         return cls(
-            RpcClient(session), (host, port), call_timeout=call_timeout, local_host=str(local[0])
+            RpcClient(session),
+            (host, port),
+            call_timeout=call_timeout,
+            local_host=str(local[0]),
+            tls=tls is not None,
         )
 
     @property
@@ -407,13 +417,15 @@ class TrackerClient:
         if self._broken is not None:
             raise TrackerUnreachable(f"tracker {self.label}: connection broken: {self._broken}")
         limit = self._call_timeout if time_limit is None else time_limit
+        self._calls += 1
         try:
             with trio.fail_after(limit):
                 return await self._rpc.call(method, params)
         except trio.TooSlowError:
             self._broken = f"no answer to {method} within {limit:g}s"
         except LINK_ERRORS as exc:
-            self._broken = f"lost during {method}: {_link_failure(exc)}"
+            failure = _link_failure(exc, self._tls, first=self._calls == 1)
+            self._broken = f"lost during {method}: {failure}"
         raise TrackerUnreachable(f"tracker {self.label}: {self._broken}")
 
     async def _parsed(
