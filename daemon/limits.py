@@ -10,6 +10,8 @@ import socket
 
 import trio
 
+from .tls_stream import TlsStream
+
 DEFAULT_PER_ADDRESS = 32
 
 
@@ -42,7 +44,7 @@ class AddressLimits:
 
 def socket_of(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
     """The TCP socket under a stream (also under TLS), or None (a test's memory stream)."""
-    while isinstance(stream, trio.SSLStream):
+    while isinstance(stream, trio.SSLStream | TlsStream):
         stream = stream.transport_stream
     sock = getattr(stream, "socket", None)
     return sock if isinstance(sock, trio.socket.SocketType) else None

@@ -51,6 +51,8 @@ RECEIVE_SIZE = 1 << 16
 # While a chunk payload arrives, wake only when this much (or the rest of it) is buffered: on a
 # slow link each packet would otherwise wake the loop, which costs far more than the copy.
 PAYLOAD_LOW_WATER = 256 << 10
+# Over a wrapped stream (TLS): take all a refill decrypted, not a socket-sized slice of it.
+STREAM_RECEIVE_SIZE = 1 << 20
 HANDSHAKE_TIMEOUT = 10.0
 KEEPALIVE_INTERVAL = 30.0
 IDLE_TIMEOUT = 120.0
@@ -411,7 +413,7 @@ class PeerLink:
     async def _fill(self) -> None:
         sock = self._socket
         if sock is None:
-            data = await self.stream.receive_some(self._receive_size)
+            data = await self.stream.receive_some(STREAM_RECEIVE_SIZE)
             self.bytes_in += len(data)
             self.conn.receive_data(data, now=_now())
             if self._download_limiter is not None:

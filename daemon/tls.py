@@ -31,6 +31,7 @@ from .pki import (
     read_pem,
     role_of,
 )
+from .tls_stream import TlsStream
 
 INSECURE_WARNING = (
     "running WITHOUT mutual TLS (--insecure / tls.insecure): links are plain TCP, nobody is "
@@ -52,7 +53,7 @@ _REASONS = {
     "UNSUPPORTED_PROTOCOL": "the other side does not speak TLS 1.3",
     "TLSV1_ALERT_PROTOCOL_VERSION": "the other side does not speak TLS 1.3",
     "HTTP_REQUEST": "the other side does not speak TLS (TLS on one end only?)",
-    # trio drops the alert a refusing trio server would send, so its client sees only the EOF.
+    # A server that hangs up without an alert (e.g. trio's SSLStream) shows only as an EOF.
     "UNEXPECTED_EOF_WHILE_READING": "the other side hung up during the TLS handshake; it may "
     "have refused our certificate (see its log)",
 }
@@ -160,9 +161,7 @@ def client_context(material: TlsMaterial, *, check_hostname: bool = False) -> ss
     return context
 
 
-def peer_identity(
-    ssl_object: ssl.SSLObject | ssl.SSLSocket | trio.SSLStream[trio.abc.Stream],
-) -> PeerIdentity:
+def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | TlsStream) -> PeerIdentity:
     """Who the other side is, read from its verified certificate (after the handshake)."""
     der = ssl_object.getpeercert(binary_form=True)
     if not der:
@@ -175,15 +174,15 @@ def peer_identity(
     )
 
 
-def peer_role(
-    ssl_object: ssl.SSLObject | ssl.SSLSocket | trio.SSLStream[trio.abc.Stream],
-) -> TlsRole:
+def peer_role(ssl_object: ssl.SSLObject | ssl.SSLSocket | TlsStream) -> TlsRole:
     """The role in the peer's verified certificate."""
     return peer_identity(ssl_object).role
 
 
 def describe_failure(exc: BaseException) -> str:
     """One line on why a TLS handshake or link failed, from the ssl error inside `exc`."""
+    if isinstance(exc, trio.TooSlowError):
+        return "the TLS handshake timed out"
     cause: BaseException | None = exc
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -196,8 +195,6 @@ def describe_failure(exc: BaseException) -> str:
         if reason in _REASONS:
             return _REASONS[reason]
         return f"TLS failed: {reason.lower().replace('_', ' ') or cause}"
-    if isinstance(exc, trio.TooSlowError):
-        return "the TLS handshake timed out"
     return f"the TLS link broke: {exc or type(exc).__name__}"
 
 
@@ -207,7 +204,7 @@ def _check_role(identity: PeerIdentity, allowed: Collection[TlsRole] | None) -> 
         raise TlsError(f"peer {identity} is not allowed here: expected a {wanted} certificate")
 
 
-async def _handshake(tls: trio.SSLStream[trio.abc.Stream], seconds: float) -> None:
+async def _handshake(tls: TlsStream, seconds: float) -> None:
     try:
         with trio.fail_after(seconds if seconds > 0 else math.inf):
             await tls.do_handshake()
@@ -223,9 +220,9 @@ async def accept(
     *,
     allowed: Collection[TlsRole] | None = None,
     handshake_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT,
-) -> tuple[trio.SSLStream[trio.abc.Stream], PeerIdentity]:
+) -> tuple[TlsStream, PeerIdentity]:
     """Server side of a handshake on an accepted stream; TlsError if the client is refused."""
-    tls = trio.SSLStream(stream, context, server_side=True)
+    tls = TlsStream(stream, context, server_side=True)
     await _handshake(tls, handshake_seconds)
     return tls, await _identity(tls, allowed)
 
@@ -237,20 +234,18 @@ async def connect(
     server_hostname: str | None = None,
     allowed: Collection[TlsRole] | None = None,
     handshake_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT,
-) -> tuple[trio.SSLStream[trio.abc.Stream], PeerIdentity]:
+) -> tuple[TlsStream, PeerIdentity]:
     """Client side of a handshake; TlsError if the server is refused or refuses us.
 
     Under TLS 1.3 the server checks our certificate after our side of the handshake is done,
     so a refusal of *our* certificate shows on the first receive (see describe_failure).
     """
-    tls = trio.SSLStream(stream, context, server_hostname=server_hostname)
+    tls = TlsStream(stream, context, server_side=False, server_hostname=server_hostname)
     await _handshake(tls, handshake_seconds)
     return tls, await _identity(tls, allowed)
 
 
-async def _identity(
-    tls: trio.SSLStream[trio.abc.Stream], allowed: Collection[TlsRole] | None
-) -> PeerIdentity:
+async def _identity(tls: TlsStream, allowed: Collection[TlsRole] | None) -> PeerIdentity:
     try:
         identity = peer_identity(tls)
         _check_role(identity, allowed)
