@@ -151,7 +151,9 @@ def _context(purpose: ssl._SSLMethod, material: TlsMaterial) -> ssl.SSLContext:
 
 def server_context(material: TlsMaterial) -> ssl.SSLContext:
     """For a listener: TLS 1.3, a client certificate from the cluster CA required."""
-    return _context(ssl.PROTOCOL_TLS_SERVER, material)
+    context = _context(ssl.PROTOCOL_TLS_SERVER, material)
+    context.num_tickets = 0  # links are long-lived, nobody resumes: no post-handshake tickets
+    return context
 
 
 def client_context(material: TlsMaterial, *, check_hostname: bool = False) -> ssl.SSLContext:

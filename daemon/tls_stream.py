@@ -121,7 +121,9 @@ class TlsStream(trio.abc.Stream):
         async with self._receive_guard:
             while True:
                 parts = self._decrypt(limit)
-                if self._outgoing.pending:  # e.g. a KeyUpdate answer
+                # A read may owe the peer an answer (a KeyUpdate). Never wait for a busy sender
+                # here: both ends' readers would then wait on writers that wait on readers.
+                if self._outgoing.pending and not self._send_lock.locked():
                     await self._flush()
                 if parts is None:
                     return b""
