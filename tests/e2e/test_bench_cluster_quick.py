@@ -162,8 +162,7 @@ def test_quick_run_gives_identical_images_and_leaves_nothing(
 def test_ctrl_c_mid_run_tears_everything_down(cluster_tools: None, tmp_path: Path) -> None:
     bench = _bench(tmp_path / "out", "--scenarios", "swarm")
     try:
-        _wait_for(lambda: _started_daemons(bench.pid) or bench.poll() is not None, "hosts up")
-        running = _snapshot(_ours(bench.pid))
+        _, running = _running_snapshot(bench)
         bench.send_signal(signal.SIGINT)
         bench.wait(timeout=60)
     finally:
@@ -174,17 +173,33 @@ def test_ctrl_c_mid_run_tears_everything_down(cluster_tools: None, tmp_path: Pat
     assert _survivors(running) == []
 
 
+def _running_snapshot(bench: subprocess.Popen[str]) -> tuple[list[str], dict[int, str]]:
+    """Our namespaces and their processes, taken together once the hosts run (a check and a
+    later snapshot could straddle a fast run's teardown); empty if the run ended first."""
+    taken: list[tuple[list[str], dict[int, str]]] = []
+
+    def hosts_up() -> bool:
+        if _started_daemons(bench.pid):
+            namespaces = _ours(bench.pid)
+            running = _snapshot(namespaces)
+            if running:
+                taken.append((namespaces, running))
+                return True
+        return bench.poll() is not None
+
+    _wait_for(hosts_up, "hosts up")
+    return taken[0] if taken else ([], {})
+
+
 def test_cleanup_stale_removes_a_killed_runs_leftovers(cluster_tools: None, tmp_path: Path) -> None:
     bench = _bench(tmp_path / "out", "--scenarios", "swarm")
     try:
-        _wait_for(lambda: _started_daemons(bench.pid) or bench.poll() is not None, "hosts up")
-        namespaces = _ours(bench.pid)
-        running = _snapshot(namespaces)
+        namespaces, running = _running_snapshot(bench)
         bench.kill()
     finally:
         bench.kill()
-        bench.wait()
-    assert namespaces and running, "the run never started its processes"
+        _, stderr = bench.communicate()
+    assert namespaces and running, f"the run never started its processes:\n{stderr[-2000:]}"
     removed = cleanup_stale()
     assert set(namespaces) <= set(removed)
     assert _ours(bench.pid) == []
