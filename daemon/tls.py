@@ -176,11 +176,6 @@ def peer_identity(ssl_object: ssl.SSLObject | ssl.SSLSocket | TlsStream) -> Peer
     )
 
 
-def peer_role(ssl_object: ssl.SSLObject | ssl.SSLSocket | TlsStream) -> TlsRole:
-    """The role in the peer's verified certificate."""
-    return peer_identity(ssl_object).role
-
-
 def describe_failure(exc: BaseException) -> str:
     """One line on why a TLS handshake or link failed, from the ssl error inside `exc`."""
     if isinstance(exc, trio.TooSlowError):
@@ -272,6 +267,5 @@ __all__ = [
     "connect",
     "describe_failure",
     "peer_identity",
-    "peer_role",
     "server_context",
 ]

@@ -56,10 +56,6 @@ class TlsStream(trio.abc.Stream):
         """The peer's certificate in DER, as ssl.SSLObject.getpeercert(True) gives it."""
         return self._ssl.getpeercert(binary_form=binary_form)
 
-    @property
-    def ssl_object(self) -> ssl.SSLObject:
-        return self._ssl
-
     # -- handshake -----------------------------------------------------------------------------
 
     async def do_handshake(self) -> None:
