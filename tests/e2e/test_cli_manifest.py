@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from vmswarm.swarm.manifest import DEFAULT_CHUNK_SIZE, MIN_CHUNK_SIZE, build_manifest
 
+from ..ci import unavailable
+
 pytestmark = pytest.mark.e2e
 
 JSON_KEYS = {"template_id", "size", "format", "chunk_size", "chunks", "zero_chunks", "digest"}
@@ -185,7 +187,7 @@ def test_unreadable_file_fails_cleanly(unreadable_file: Path) -> None:
     if os.geteuid() != 0:
         result = run("manifest", unreadable_file)
     elif shutil.which("setpriv") is None:
-        pytest.skip("running as root without setpriv: cannot drop privileges to test this")
+        unavailable("test an unreadable file", "running as root without setpriv")
     else:
         result = run("manifest", unreadable_file, user=65534)  # root reads anything: be nobody
     assert_clean_failure(result, "secret.img: permission denied")
