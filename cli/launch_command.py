@@ -34,6 +34,7 @@ def launch_json(result: LaunchResult) -> dict[str, Any]:
         "placement": result.placement,
         "serial_log": result.serial_log,
         "domain_type": result.domain_type,
+        "streaming": result.streaming,
     }
 
 
@@ -66,6 +67,15 @@ def launch(
         float,
         typer.Option("--timeout", min=1.0, help="Seconds to wait for the VM to be running."),
     ] = DEFAULT_LAUNCH_TIMEOUT,
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream",
+            help="Boot at once from the host's NBD export of the template while it arrives "
+            "(chunks the VM reads first jump the queue); the VM moves to the local copy once "
+            "it is complete.",
+        ),
+    ] = False,
     json_output: JsonOption = False,
     config: ConfigOption = None,
     tls_ca: TlsCaOption = None,
@@ -84,7 +94,7 @@ def launch(
 
     async def query(client: TrackerClient) -> LaunchResult:
         return await client.launch(
-            name, version, flavor, host=host, vm_name=vm_name, time_limit=wait
+            name, version, flavor, host=host, vm_name=vm_name, stream=stream, time_limit=wait
         )
 
     result = ask_tracker(
@@ -93,9 +103,10 @@ def launch(
     if json_output:
         print_json(launch_json(result))
         return
+    fetched = "streaming" if result.streaming else f"fetch {result.seconds_fetch:.2f}s"
     typer.echo(
         f"launched {result.domain} (vm {result.vm_id}) on {result.host} [{result.placement}]: "
-        f"fetch {result.seconds_fetch:.2f}s, boot {result.seconds_boot:.2f}s"
+        f"{fetched}, boot {result.seconds_boot:.2f}s"
     )
     if result.serial_log:
         typer.echo(f"serial console: {result.serial_log}")

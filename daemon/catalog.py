@@ -18,12 +18,14 @@ from types import MappingProxyType
 
 from ..swarm.bitfield import Bitfield
 from ..swarm.manifest import Manifest
+from ..swarm.prefetch import PrefetchProfile, ProfileError, decode_profile
 
 log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite3"
 # 2 added templates.signature (the publisher's signature envelope, NULL: unsigned).
-SCHEMA_VERSION = 2
+# 3 added templates.profile (the encoded prefetch profile a host's boot recorded, NULL: none).
+SCHEMA_VERSION = 3
 CENTER_ID_LENGTH = 32  # hex of a 16-byte peer id
 
 _SCHEMA = """
@@ -39,6 +41,7 @@ CREATE TABLE IF NOT EXISTS templates (
     format TEXT NOT NULL,
     created_at REAL NOT NULL,
     signature BLOB,
+    profile BLOB,
     UNIQUE (name, version)
 );
 CREATE TABLE IF NOT EXISTS placement (
@@ -62,6 +65,14 @@ class VersionExistsError(CatalogError):
 
 class BadPlacementError(CatalogError):
     code = "bad_request"
+
+
+class UnknownTemplateError(CatalogError):
+    code = "unknown_template"
+
+
+class BadProfileError(CatalogError):
+    code = "bad_profile"
 
 
 @dataclass(frozen=True)
@@ -219,6 +230,36 @@ class Catalog:
             return None
         return bytes(row[0]), None if row[1] is None else bytes(row[1])
 
+    def profile(self, template_id: bytes) -> bytes | None:
+        """The stored prefetch profile's encoded bytes, or None (none stored, or no template)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT profile FROM templates WHERE template_id = ?", (template_id,)
+            ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def put_profile(self, template_id: bytes, data: bytes) -> PrefetchProfile:
+        """Store an encoded prefetch profile for a catalogued template, replacing any older one.
+
+        Raises UnknownTemplateError, or BadProfileError when `data` does not decode as a profile
+        of this template (swarm/prefetch.py decode_profile: digest, template id, indices).
+        """
+        entry = self._entries.get(template_id)
+        if entry is None:
+            raise UnknownTemplateError(f"no template with id {template_id.hex()} in the catalog")
+        try:
+            profile = decode_profile(data, (template_id, entry.chunks))
+        except ProfileError as exc:
+            raise BadProfileError(
+                f"prefetch profile for {entry.name}:{entry.version} rejected: {exc}"
+            ) from None
+        with self._lock:
+            self._db.execute(
+                "UPDATE templates SET profile = ? WHERE template_id = ?",
+                (bytes(data), template_id),
+            )
+        return profile
+
     def register(
         self,
         manifest_bytes: bytes,
@@ -316,7 +357,10 @@ def _migrate(db: sqlite3.Connection) -> None:
     columns = {row[1] for row in db.execute("PRAGMA table_info(templates)")}
     if "signature" not in columns:  # schema 1: templates registered then count as unsigned
         db.execute("ALTER TABLE templates ADD COLUMN signature BLOB")
-        log.info("catalog migrated to schema %d: templates now carry signatures", SCHEMA_VERSION)
+        log.info("catalog migrated: templates now carry signatures")
+    if "profile" not in columns:  # schema 2: no template has a prefetch profile yet
+        db.execute("ALTER TABLE templates ADD COLUMN profile BLOB")
+        log.info("catalog migrated: templates now carry prefetch profiles")
 
 
 def _or_bytes(a: bytes, b: bytes) -> bytes:

@@ -77,6 +77,8 @@ class DownloadConfig:
     # Linked hosts from which on each center gets only this many requests at a time.
     share_hosts: int = 2
     center_depth_when_sharing: int = 2
+    # A chunk a reader waits on gets a second source when the first has not sent it by then.
+    urgent_grace: float = 1.0
     picker: PickerConfig | None = None
     link: LinkOptions | None = None
 
@@ -222,6 +224,16 @@ class _Retry:
 
 
 @dataclass(frozen=True)
+class _Urgent:
+    index: int
+
+
+@dataclass(frozen=True)
+class _Prefer:
+    order: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class _WriteJob:
     link: PeerLink
     index: int
@@ -321,6 +333,9 @@ class TemplateDownload:
         self._next_discovery = -math.inf
         self._unavailable_since: float | None = None
         self._lost: set[int] = set()
+        # Chunks a reader (a VM booting over NBD) waits on, and the order a boot profile prefers.
+        self._urgent: dict[int, trio.Event] = {}
+        self._preferred: tuple[int, ...] = ()
         # Chunks received but not stored (the disk failed or filled up), by the peer that sent
         # them: no more requests until `retry`, which asks for them again.
         self._unstored: set[tuple[bytes, int]] = set()
@@ -560,6 +575,41 @@ class TemplateDownload:
         await self._send.send((None, event))
         await event.applied.wait()
 
+    async def wait_chunk(self, index: int) -> None:
+        """Return once chunk `index` is verified and stored here; it jumps the queue meanwhile.
+
+        Waits without limit: the caller bounds it (an NBD read's timeout).
+        """
+        if not 0 <= index < len(self._lengths):
+            raise ValueError(
+                f"chunk {index} is outside {self.manifest.name} (0..{len(self._lengths) - 1})"
+            )
+        if self.data.has(index):
+            return
+        event = self._urgent.get(index)
+        if event is None:
+            event = self._urgent[index] = trio.Event()
+            await self._send.send((None, _Urgent(index)))
+        await event.wait()
+
+    async def prefer(self, order: Iterable[int]) -> None:
+        """Fetch these chunks first, in this order (a boot's prefetch profile)."""
+        await self._send.send((None, _Prefer(tuple(order))))
+
+    def why_missing(self, index: int) -> str:
+        """Why chunk `index` is not here yet, for a reader that gave up on it."""
+        if self.data.has(index):
+            return "it is here"
+        if self.error is not None:
+            return f"the fetch failed: {self.error}"
+        requested = self._picker.requesters(index)
+        holders = [p for p in self._peers.values() if index in p.link.their_bitfield]
+        if requested:
+            return f"requested from {len(requested)} peer(s), not arrived yet"
+        if not holders:
+            return f"none of the {len(self._peers)} linked peers holds it"
+        return f"{len(holders)} linked peer(s) hold it; waiting for a free request slot"
+
     def lost(self, indices: Iterable[int]) -> None:
         """These chunks are gone from the store (a scrub dropped them): fetch them again."""
         self._lost.update(indices)
@@ -569,6 +619,10 @@ class TemplateDownload:
         self.error = None
         self._unavailable_since = None
         await self._send.send((None, _Retry()))
+
+    async def changed(self) -> None:
+        """Return at the next change of this download's state."""
+        await self._changed.wait()
 
     async def wait_done(
         self,
@@ -618,6 +672,12 @@ class TemplateDownload:
         elif isinstance(event, _Want):
             self._on_want(event.indices)
             event.applied.set()
+        elif isinstance(event, _Urgent):
+            self._on_urgent(event.index)
+        elif isinstance(event, _Prefer):
+            self._preferred = event.order
+            self._picker.set_preferred(event.order)
+            self._fill_all()
         elif isinstance(event, _Retry):
             self._resume_storing()
             self.error = None
@@ -801,6 +861,7 @@ class TemplateDownload:
                 if got not in self._wanted and not self._want_all:
                     continue
                 self._done_bytes += self._lengths[got]
+            self._release_waiters(written.newly)
             # Every peer hears it, holders too: a holder that loses it (scrub) must know we have it.
             for got in written.newly:
                 for other_peer in self._peers.values():
@@ -813,6 +874,20 @@ class TemplateDownload:
                 self._fill(key)
         if self._picker.complete and not self._writing:
             self._on_wanted_here()
+
+    def _on_urgent(self, index: int) -> None:
+        if self.data.has(index):
+            self._release_waiters((index,))
+            return
+        self._picker.set_deadline(index, trio.current_time() + self.config.urgent_grace)
+        self._unmask([index])  # whoever holds it, the centers too
+        self._fill_all()
+
+    def _release_waiters(self, indices: Iterable[int]) -> None:
+        for index in indices:
+            event = self._urgent.pop(index, None)
+            if event is not None:
+                event.set()
 
     def _on_wanted_here(self) -> None:
         if self.chunks_done_at is None:
@@ -894,6 +969,11 @@ class TemplateDownload:
         self._unavailable_since = None
         self._next_discovery = -math.inf
         self._picker = self._new_picker()
+        now = trio.current_time()
+        for index in self._urgent:
+            self._picker.set_deadline(index, now)
+        if self._preferred:
+            self._picker.set_preferred(self._preferred)
         for pid, peer in self._peers.items():
             self._picker.add_peer(pid, peer.link.their_bitfield)
         for pid in self.banned:
@@ -970,7 +1050,8 @@ class TemplateDownload:
             return
         if centers is None:
             centers = [p for p, peer in self._peers.items() if peer.link.role is Role.STORAGE]
-        chosen = [i for i in indices if self._picker.is_missing(i)]
+        # A chunk a reader waits on stays open to every source.
+        chosen = [i for i in indices if self._picker.is_missing(i) and i not in self._urgent]
         if not chosen:
             return
         for pid in centers:

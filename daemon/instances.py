@@ -16,6 +16,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
@@ -62,6 +63,9 @@ class Instance:
     created: float  # Unix time
     vcpus: int  # what the VM has now: the flavor's, or a resize's
     memory: int
+    # Streaming: the NBD socket the overlay reads the template through until the switch to
+    # the local template file; None once switched, and for VMs launched from a complete one.
+    template_socket: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
         data = asdict(self)
@@ -75,6 +79,10 @@ class Instance:
         fields["flavor"] = flavor_from_wire(fields["flavor"])
         fields["template_format"] = ImageFormat(fields["template_format"])
         return cls(**fields)
+
+    @property
+    def streaming(self) -> bool:
+        return self.template_socket is not None
 
     def resized(self, vcpus: int | None = None, memory: int | None = None) -> Instance:
         return replace(
@@ -207,26 +215,33 @@ def protect_template(path: Path) -> None:
         path.chmod(TEMPLATE_MODE)
 
 
+def nbd_backing(socket: Path) -> str:
+    """qemu's name for the NBD export on a Unix socket (the path percent-encoded for qemu)."""
+    return f"nbd+unix:///?socket={urllib.parse.quote(str(socket), safe='/')}"
+
+
 def create_overlay(
-    template: Path, template_format: ImageFormat, overlay: Path, size: int | None = None
+    template: Path,
+    template_format: ImageFormat,
+    overlay: Path,
+    size: int | None = None,
+    *,
+    template_socket: Path | None = None,
 ) -> None:
     """`qemu-img create -f qcow2 -b TEMPLATE -F FORMAT OVERLAY [SIZE]`; the template is only read.
 
     `size` (bytes) grows the VM's disk past the template's size; None keeps the template's.
+    With `template_socket` the backing is the template's NBD export on that socket instead of
+    the file: qemu-img connects to it (to learn the size), so the export must be serving.
     """
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise InstanceError(
-            "launch_failed", "qemu-img is not installed (apt-get install qemu-utils)"
-        )
+    backing = str(template) if template_socket is None else nbd_backing(template_socket)
     command = [
-        qemu_img,
         "create",
         "-q",
         "-f",
         "qcow2",
         "-b",
-        str(template),
+        backing,
         "-F",
         template_format.value,
         str(overlay),
@@ -234,23 +249,58 @@ def create_overlay(
     if size is not None:
         command.append(str(size))
     try:
+        _qemu_img(command, "launch_failed", f"qemu-img could not create the overlay {overlay}")
+    except InstanceError:
+        with contextlib.suppress(FileNotFoundError):
+            overlay.unlink()
+        raise
+    overlay.chmod(0o644)
+
+
+def rebase_overlay(overlay: Path, template: Path, template_format: ImageFormat) -> None:
+    """Point a stopped VM's overlay at the template file (`qemu-img rebase -u`): no data moves.
+
+    Only for an overlay no qemu has open, whose old backing (the NBD export) had the same bytes.
+    """
+    _qemu_img(
+        [
+            "rebase",
+            "-u",
+            "-f",
+            "qcow2",
+            "-b",
+            str(template),
+            "-F",
+            template_format.value,
+            str(overlay),
+        ],
+        "switch_failed",
+        f"qemu-img could not rebase the overlay {overlay} onto {template}",
+    )
+
+
+def _qemu_img(arguments: list[str], code: str, failure: str) -> None:
+    """Run qemu-img; InstanceError(code, "FAILURE: qemu-img's last line") if it fails."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise InstanceError(code, "qemu-img is not installed (apt-get install qemu-utils)")
+    try:
         result = subprocess.run(
-            command, capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT, check=False
+            [qemu_img, *arguments],
+            capture_output=True,
+            text=True,
+            timeout=QEMU_IMG_TIMEOUT,
+            check=False,
         )
     except subprocess.TimeoutExpired:
         raise InstanceError(
-            "launch_failed", f"qemu-img create took over {QEMU_IMG_TIMEOUT:.0f}s"
+            code, f"{failure}: qemu-img {arguments[0]} took over {QEMU_IMG_TIMEOUT:.0f}s"
         ) from None
     if result.returncode != 0:
-        with contextlib.suppress(FileNotFoundError):
-            overlay.unlink()
         detail = (result.stderr or result.stdout).strip().splitlines()
         raise InstanceError(
-            "launch_failed",
-            f"qemu-img could not create the overlay {overlay}: "
-            f"{detail[-1] if detail else f'exit {result.returncode}'}",
+            code, f"{failure}: {detail[-1] if detail else f'exit {result.returncode}'}"
         )
-    overlay.chmod(0o644)
 
 
 def remove_vm_files(directory: Path, template: Path) -> None:
@@ -294,9 +344,11 @@ __all__ = [
     "InstanceStore",
     "create_overlay",
     "make_vm_dir",
+    "nbd_backing",
     "new_vm_id",
     "protect_template",
     "read_head",
+    "rebase_overlay",
     "remove_vm_files",
     "unreachable_directory",
 ]

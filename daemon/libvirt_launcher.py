@@ -54,6 +54,14 @@ _PROBE_BOOT_SECTOR_HEAD = bytes.fromhex(
     "00687c0000"
 )
 _PROBE_IMAGE_SIZE = 1 << 20
+_SWITCH_POLL = 0.1
+# A shallow copy into an overlay the caller made; the job vanishes if libvirtd restarts.
+_SWITCH_FLAGS = (
+    libvirt.VIR_DOMAIN_BLOCK_COPY_SHALLOW
+    | libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT
+    | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+)
+_UNSUPPORTED_ERRORS = frozenset({libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED})
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: VmState.UNKNOWN,
@@ -483,6 +491,123 @@ class LibvirtLauncher:
 
         self._call("setMemoryFlags", resize)
 
+    # -- disk backing ----------------------------------------------------------------------------
+
+    def switch_backing(self, name: str, new_overlay: str, timeout: float) -> None:
+        target = self._call("switch_backing", lambda c: self._switch_target(c, name))
+        destination = _file_disk_xml(new_overlay)
+
+        def copy(conn: Any) -> None:
+            domain = self._domain(conn, name)
+            try:
+                domain.blockCopy(target, destination, None, _SWITCH_FLAGS)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in _CONNECTION_ERRORS and _dead(conn):
+                    raise
+                code = "unsupported" if exc.get_error_code() in _UNSUPPORTED_ERRORS else None
+                raise LauncherError(
+                    code or "switch_failed",
+                    f"cannot start copying {name}'s disk {target} to {new_overlay}: "
+                    f"{_message(exc)}",
+                ) from None
+
+        self._call("blockCopy", copy)
+        log.info(
+            "copying %s's disk %s to %s",
+            name,
+            target,
+            new_overlay,
+            extra={"domain": name, "disk": target, "overlay": new_overlay},
+        )
+        try:
+            self._pivot_when_ready(name, target, timeout)
+        except BaseException:
+            self._cancel_copy(name, target)
+            raise
+        source = self._call("XMLDesc", lambda c: _disk_source(self._domain(c, name), target))
+        if source != new_overlay:
+            raise LauncherError(
+                "switch_failed",
+                f"{name}'s disk {target} pivoted, but reads {source!r}, not {new_overlay}",
+            )
+        log.info(
+            "%s's disk %s now runs on %s",
+            name,
+            target,
+            new_overlay,
+            extra={"domain": name, "disk": target, "overlay": new_overlay},
+        )
+
+    def _switch_target(self, conn: Any, name: str) -> str:
+        """The running domain's first disk target (vda, sda), after checking a copy can run."""
+        if str(conn.getType()).lower() == "test":
+            raise LauncherError(
+                "unsupported", f"{self._uri} (libvirt's test driver) cannot block-copy disks"
+            )
+        domain = self._domain(conn, name)
+        if not domain.isActive():
+            raise LauncherError("not_running", f"{name} is not running: rebase its overlay instead")
+        target = _first_disk_target(str(domain.XMLDesc(0)))
+        if target is None:
+            raise LauncherError("switch_failed", f"{name} has no disk to switch")
+        return target
+
+    def _pivot_when_ready(self, name: str, target: str, timeout: float) -> None:
+        """Wait for the copy to be ready (cur == end), then pivot the disk onto the copy."""
+        deadline = time.monotonic() + timeout
+        last: dict[str, int] = {}
+        while True:
+            info = self._call(
+                "blockJobInfo", lambda c: self._domain(c, name).blockJobInfo(target, 0)
+            )
+            if not info:
+                raise LauncherError(
+                    "switch_failed",
+                    f"the copy of {name}'s disk {target} ended before it was ready "
+                    "(the guest stopped, or qemu failed the job)",
+                )
+            last = info
+            # libvirt reports cur == end only once qemu says the mirror is ready.
+            if info.get("end", 0) > 0 and info.get("cur") == info.get("end"):
+                pivoted = self._call("blockJobAbort", lambda c: self._try_pivot(c, name, target))
+                if pivoted:
+                    return
+            if time.monotonic() >= deadline:
+                raise LauncherError(
+                    "switch_failed",
+                    f"the copy of {name}'s disk {target} was not ready within {timeout:g}s "
+                    f"({last.get('cur', 0)} of {last.get('end', 0)} bytes); cancelled",
+                )
+            time.sleep(_SWITCH_POLL)
+
+    def _try_pivot(self, conn: Any, name: str, target: str) -> bool:
+        """Pivot; False if qemu says the mirror is not ready after all (try again later)."""
+        try:
+            self._domain(conn, name).blockJobAbort(target, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in _CONNECTION_ERRORS and _dead(conn):
+                raise
+            if exc.get_error_code() == libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                return False
+            raise LauncherError(
+                "switch_failed", f"cannot pivot {name}'s disk {target}: {_message(exc)}"
+            ) from None
+        return True
+
+    def _cancel_copy(self, name: str, target: str) -> None:
+        """Abort the copy without pivoting: the domain keeps reading its old overlay."""
+        try:
+            self._call("blockJobAbort", lambda c: self._domain(c, name).blockJobAbort(target, 0))
+        except LauncherError as exc:
+            # No job left (it failed, or the domain stopped) is the usual reason.
+            log.info(
+                "cancelling the copy of %s's disk %s: %s",
+                name,
+                target,
+                exc,
+                extra={"domain": name, "disk": target},
+            )
+
     # -- monitoring ------------------------------------------------------------------------------
 
     def stats(self, names: list[str]) -> dict[str, DomainStats]:
@@ -562,6 +687,40 @@ def offers_kvm(capabilities_xml: str, arch: str) -> bool:
         if any(d.get("type") == "kvm" for d in arch_element.iter("domain")):
             return True
     return False
+
+
+def _file_disk_xml(path: str) -> str:
+    """The block copy's destination: a qcow2 file whose backing chain qemu reads from it."""
+    disk = ET.Element("disk", {"type": "file"})
+    ET.SubElement(disk, "driver", {"type": "qcow2"})
+    ET.SubElement(disk, "source", {"file": path})
+    return ET.tostring(disk, encoding="unicode")
+
+
+def _disk_elements(domain_xml: str) -> list[ET.Element]:
+    return [
+        d
+        for d in ET.fromstring(domain_xml).iterfind("devices/disk")
+        if d.get("device", "disk") == "disk"
+    ]
+
+
+def _first_disk_target(domain_xml: str) -> str | None:
+    for disk in _disk_elements(domain_xml):
+        target = disk.find("target")
+        if target is not None and target.get("dev"):
+            return target.get("dev")
+    return None
+
+
+def _disk_source(domain: Any, target: str) -> str | None:
+    """The file the live domain's disk `target` reads (its top image)."""
+    for disk in _disk_elements(str(domain.XMLDesc(0))):
+        found = disk.find("target")
+        if found is not None and found.get("dev") == target:
+            source = disk.find("source")
+            return None if source is None else source.get("file")
+    return None
 
 
 def _probe_xml(name: str, image: Path, serial: Path) -> str:

@@ -30,6 +30,7 @@ from ..swarm.errors import ManifestError
 from ..swarm.flavors import Flavor, default_flavors
 from ..swarm.manifest import Manifest
 from ..swarm.messages import PEER_ID_LENGTH, Role
+from ..swarm.prefetch import ProfileError, decode_profile
 from ..swarm.rpc import is_rpc_frame_type
 from ..swarm.signature import SignatureError, TrustPolicy
 from .bans import DEFAULT_BAN_SECONDS, BanList, handshake_offence
@@ -62,6 +63,7 @@ from .ratelimit import limiter_for
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
 from .storeerrors import StoreCorruptError, StoreError
+from .streaming import NBD_DIR, TemplateStreams
 from .template_sources import CenterTemplate, HostTemplate, TemplateData
 from .tls import (
     INSECURE_WARNING,
@@ -202,6 +204,9 @@ class Node:
         self.bound: tuple[str, int] | None = None
         self._nursery: trio.Nursery | None = None
         self._adding: dict[bytes, trio.Event] = {}
+        # A host's NBD exports of templates still arriving, and the boot profiles the tracker had.
+        self.streams: TemplateStreams | None = None
+        self._profiles: dict[bytes, bytes] = {}
         self._scrub_lock = trio.Lock()
         self.trust = TrustPolicy.of(config.trusted_keys, allow_unsigned=config.allow_unsigned)
         # This node's own registry (never the global one); served when config.metrics_listen is set.
@@ -259,6 +264,10 @@ class Node:
                 if self.config.metrics_listen is not None:
                     self.metrics_bound = await nursery.start(
                         serve_metrics, *self.config.metrics_listen, self.metrics_registry
+                    )
+                if self.role is Role.HOST:
+                    self.streams = TemplateStreams(
+                        self.data_dir / NBD_DIR, nursery, upload_profile=self._put_profile
                     )
                 if self.vms is not None:
                     await nursery.start(self.vms.run)
@@ -777,6 +786,8 @@ class Node:
                 return held[0]
             raise RpcError("tracker_unreachable", f"cannot look up {label}: {exc}") from None
         manifest = found.manifest
+        if found.profile is not None:
+            self._profiles[manifest.template_id] = found.profile
         if manifest.template_id not in self.templates:  # else checked when it first came in
             self._verify(manifest, found.signature)  # before a single chunk is fetched
         directory = self.data_dir / TEMPLATES_DIR
@@ -787,6 +798,38 @@ class Node:
             )
         except StoreError as exc:
             raise RpcError("store_error", f"cannot store {label}: {exc}") from None
+
+    async def open_stream(
+        self, name: str, version: str | None
+    ) -> tuple[TemplateDownload, Path | None]:
+        """Start fetching name[:version] and serve it over NBD; the socket (None: complete here).
+
+        A boot profile from the tracker puts the chunks an earlier boot read first in line.
+        """
+        if self.role is not Role.HOST or self.streams is None:
+            raise RpcError("wrong_role", "streaming runs on host daemons")
+        label = name if version is None else f"{name}:{version}"
+        download = self._local_template(name, version)
+        if download is None:
+            download = await self._open_by_name(name, version, label)
+        if download.complete:
+            return download, None
+        if download.error is not None:
+            await download.retry()
+        raw = self._profiles.get(download.template_id)
+        if raw is not None:
+            try:
+                profile = decode_profile(raw, download.manifest)
+            except ProfileError as exc:
+                log.warning("ignoring the prefetch profile of %s: %s", label, exc)
+            else:
+                await download.prefer(profile.order)
+        return download, await self.streams.export(download)
+
+    async def _put_profile(self, template_id: bytes, data: bytes) -> None:
+        if self.tracker is None:
+            return
+        await self.tracker.put_profile(template_id, data)
 
     def _local_template(self, name: str, version: str | None) -> TemplateDownload | None:
         """A template held here by name and version (a version is needed: "latest" asks)."""
@@ -824,6 +867,7 @@ class Node:
             },
             "templates": [d.status() for d in self.templates.values()],
             "vm_service": None if self.vms is None else self.vms.status(),
+            "streams": [] if self.streams is None else self.streams.status(),
         }
 
 

@@ -252,6 +252,9 @@ class PlacementService:
         flavor = self._flavor(str(_text(params, "flavor", 63)))
         requested = _text(params, "host", 300, optional=True)
         vm_name = _text(params, "vm_name", MAX_VM_NAME_LENGTH, optional=True)
+        stream = params.get("stream", False)
+        if type(stream) is not bool:
+            raise RpcError("bad_request", "param 'stream' must be true or false")
         entry = self.catalog.find(name, version)
         if entry is None:
             label = name if version is None else f"{name}:{version}"
@@ -292,6 +295,7 @@ class PlacementService:
             "template_id": entry.template_id,
             "flavor": flavor.name,
             "vm_name": vm_name,
+            "stream": stream,
         }
         record = LaunchRecord(
             now, entry.template_id, flavor.name, announce.peer_id, label, decision.reason

@@ -20,6 +20,7 @@ from ..swarm.flavors import Flavor, default_flavors
 from ..swarm.handout import PeerRecord, rank_peers
 from ..swarm.manifest import Manifest
 from ..swarm.messages import Role
+from ..swarm.prefetch import MAX_PROFILE_BYTES
 from ..swarm.rpc import MAX_RPC_FRAME
 from ..swarm.signature import MAX_ENVELOPE_BYTES, SignatureError, TrustPolicy
 from ..swarm.vm_placement import CAPACITY_KEYS, HostCapacity
@@ -57,6 +58,8 @@ MAX_LABEL_LENGTH = 255
 MAX_TEMPLATES_PER_ANNOUNCE = 4096
 # Bounds the announce table's memory against a client inventing peer ids.
 MAX_PEERS = 100_000
+# Room in a lookup reply for everything but the manifest and the profile.
+_REPLY_SLACK = 64 * 1024
 # Announcing hosts that listen on a wildcard get the address the tracker saw them connect from.
 WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
 
@@ -190,6 +193,7 @@ class Tracker:
             "register_template": _async_handler(self.register_template),
             "list_templates": _sync_handler(self.list_templates),
             "lookup": _async_handler(self.lookup),
+            "put_profile": _async_handler(self.put_profile),
             "centers": _sync_handler(self.centers),
             "swarm": _sync_handler(self.swarm),
             "launch": _async_handler(self.placement.launch),
@@ -489,8 +493,43 @@ class Tracker:
         stored = await trio.to_thread.run_sync(self.catalog.signed_manifest, entry.template_id)
         assert stored is not None  # catalog entries are never removed
         manifest, signature = stored
-        # Hosts check the signature themselves: the tracker is not their root of trust.
-        return {**_entry_info(entry), "manifest": manifest, "signature": signature}
+        profile = await trio.to_thread.run_sync(self.catalog.profile, entry.template_id)
+        if profile is not None and len(manifest) + len(profile) > MAX_RPC_FRAME - _REPLY_SLACK:
+            profile = None  # only a speed-up: never let it push the manifest past a frame
+        # Hosts check the signature (and the profile's digest) themselves.
+        return {
+            **_entry_info(entry),
+            "manifest": manifest,
+            "signature": signature,
+            "profile": profile,
+        }
+
+    async def put_profile(self, params: Params) -> Params:
+        """Store the prefetch profile a host recorded while booting a template; newest wins."""
+        template_id = _id(params, "template_id", TEMPLATE_ID_LENGTH)
+        data: bytes = _param(params, "profile", (bytes,))
+        if len(data) > MAX_PROFILE_BYTES:
+            raise RpcError(
+                "bad_profile", f"profile is {len(data)} bytes, larger than {MAX_PROFILE_BYTES}"
+            )
+        try:
+            profile = await trio.to_thread.run_sync(self.catalog.put_profile, template_id, data)
+        except CatalogError as exc:
+            raise RpcError(exc.code, str(exc)) from None
+        entry = self.catalog.entry(template_id)
+        assert entry is not None
+        log.info(
+            "stored prefetch profile of template %s:%s: %d of %d chunks",
+            entry.name,
+            entry.version,
+            len(profile.order),
+            entry.chunks,
+            extra={
+                "template": f"{entry.name}:{entry.version}",
+                "template_id": template_id.hex(),
+            },
+        )
+        return {"chunks": len(profile.order)}
 
 
 def _entry_info(entry: TemplateEntry) -> Params:

@@ -5,7 +5,8 @@
 Announcing makes a node a source, so only hosts and storage centers announce, each only under
 its own role. Registering a template is publishing: operators, and storage centers that
 re-register what they hold after the tracker lost its state (daemon/node.py _register_held).
-Placing a VM is an operator's act. Reads are open to every authenticated member.
+Placing a VM is an operator's act. Prefetch profiles are recorded by hosts, the ones that boot
+VMs. Reads are open to every authenticated member.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ METHOD_ROLES: Mapping[str, frozenset[TlsRole]] = MappingProxyType(
         "announce": frozenset({TlsRole.HOST, TlsRole.STORAGE}),
         "register_template": frozenset({TlsRole.OPERATOR, TlsRole.STORAGE}),
         "launch": frozenset({TlsRole.OPERATOR}),
+        "put_profile": frozenset({TlsRole.HOST}),
         "get_peers": _EVERYONE,
         "list_templates": _EVERYONE,
         "lookup": _EVERYONE,

@@ -79,12 +79,14 @@ class LookupResult:
     """A template found by name: its catalog entry and its decoded, id-checked manifest.
 
     `signature` is the publisher's signature envelope as the tracker stored it (None: unsigned);
-    the caller verifies it against its own trusted keys.
+    the caller verifies it against its own trusted keys. `profile` is the template's encoded
+    prefetch profile (None: none stored); check it with swarm.prefetch.decode_profile.
     """
 
     info: TemplateInfo
     manifest: Manifest
     signature: bytes | None = None
+    profile: bytes | None = None
 
     @property
     def template_id(self) -> bytes:
@@ -140,6 +142,7 @@ class LaunchResult:
     placement: str  # why this host: "requested", "locality" or "least_loaded"
     serial_log: str | None = None  # the guest's serial console file on the host
     domain_type: str | None = None  # "kvm" or "qemu" (TCG)
+    streaming: bool = False  # booted over the host's NBD export while the template arrives
 
 
 @dataclass(frozen=True)
@@ -225,6 +228,7 @@ def _launch_result(data: Mapping[str, Any]) -> LaunchResult:
         placement=_get(data, "placement", str),
         serial_log=_optional_text(data, "serial_log"),
         domain_type=_optional_text(data, "domain_type"),
+        streaming=data.get("streaming") is True,
     )
 
 
@@ -532,12 +536,24 @@ class TrackerClient:
             signature = result.get("signature")
             if signature is not None and not isinstance(signature, bytes):
                 raise TypeError("field 'signature' is not bytes")
-            return LookupResult(info, manifest, signature)
+            profile = result.get("profile")
+            if profile is not None and not isinstance(profile, bytes):
+                raise TypeError("field 'profile' is not bytes")
+            return LookupResult(info, manifest, signature, profile)
 
         found: LookupResult = await self._parsed(
             "lookup", {"name": name, "version": version}, parse
         )
         return found
+
+    async def put_profile(self, template_id: bytes, data: bytes) -> int:
+        """Store an encoded prefetch profile for a template; returns how many chunks it lists.
+
+        RpcError codes: unknown_template, bad_profile, forbidden (only host certificates).
+        """
+        params = {"template_id": template_id, "profile": data}
+        chunks: int = await self._parsed("put_profile", params, lambda r: _get(r, "chunks", int))
+        return chunks
 
     async def centers(self) -> list[CenterInfo]:
         """The live storage centers."""
@@ -567,6 +583,7 @@ class TrackerClient:
         *,
         host: str | None = None,
         vm_name: str | None = None,
+        stream: bool = False,
         time_limit: float = DEFAULT_LAUNCH_TIMEOUT,
     ) -> LaunchResult:
         """Place and start a VM; returns once it runs. `host`: HOST:PORT or a peer id (prefix).
@@ -581,6 +598,7 @@ class TrackerClient:
             "flavor": flavor,
             "host": host,
             "vm_name": vm_name,
+            "stream": stream,
         }
         launched: LaunchResult = await self._parsed("launch", params, _launch_result, time_limit)
         return launched

@@ -121,6 +121,15 @@ class TrackerLink:
             await self._broken(client, str(exc))
             raise
 
+    async def put_profile(self, template_id: bytes, data: bytes) -> int:
+        """Store a template's encoded prefetch profile; TrackerUnreachable or RpcError."""
+        client = await self._get_client()
+        try:
+            return await client.put_profile(template_id, data)
+        except TrackerUnreachable as exc:
+            await self._broken(client, str(exc))
+            raise
+
     async def find_peers(self, template_id: bytes, bits: Bitfield) -> list[PeerAddress]:
         """Sources for a template, best first; [] while the tracker is away."""
         if self.address is None:

@@ -117,6 +117,17 @@ class VmLauncher(Protocol):
     def stats(self, names: list[str]) -> dict[str, DomainStats]:
         """A sample of each named domain that exists."""
 
+    def switch_backing(self, name: str, new_overlay: str, timeout: float) -> None:
+        """Move a RUNNING domain's disk onto `new_overlay` live, in the definition too.
+
+        The caller made `new_overlay` (qcow2, empty, backed by the local template file); a
+        shallow block copy moves the old overlay's data into it, then the disk pivots, so the
+        old backing (the NBD export) is no longer read. LauncherError codes: not_running (then
+        rebase the stopped VM's overlay instead), unsupported (this hypervisor has no block
+        copy), switch_failed (the copy failed or was not ready within `timeout` seconds; the
+        job is cancelled and the domain keeps its old disk), unknown_vm.
+        """
+
     def close(self) -> None: ...
 
 

@@ -9,13 +9,14 @@ two samples over the wall time times the VM's vCPUs (0..1).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import struct
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ from ..swarm.domain_xml import DomainSpec, DomainType, Nic, NicKind, build_domai
 from ..swarm.flavors import Flavor, flavor_list, format_size
 from ..swarm.imageformat import QCOW2_MAGIC, ImageFormat
 from .download import TemplateDownload
+from .download_source import DownloadSource
 from .instances import (
     OVERLAY_NAME,
     SERIAL_NAME,
@@ -36,6 +38,7 @@ from .instances import (
     new_vm_id,
     protect_template,
     read_head,
+    rebase_overlay,
     remove_vm_files,
     unreachable_directory,
 )
@@ -57,6 +60,12 @@ _STOP_POLL = 0.25
 _VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,55}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _BOOT_SIGNATURE = b"\x55\xaa"
+# The first chunk of a streamed template (its boot sector) must arrive within this.
+HEAD_TIMEOUT = 120.0
+_HEAD_BYTES = 512
+# The live switch from the NBD export to the local file (a shallow copy of the overlay).
+SWITCH_TIMEOUT = 300.0
+LOCAL_OVERLAY_NAME = "disk-local.qcow2"
 # qemu's user-mode network: works with no bridge or libvirt network set up on the host.
 DEFAULT_NIC = Nic(NicKind.USER)
 
@@ -73,6 +82,15 @@ class ReadyTemplate:
     size: int
 
 
+@dataclass(frozen=True)
+class StreamingTemplate:
+    """A template being fetched, served over NBD on `socket` (None: already complete here)."""
+
+    ready: ReadyTemplate
+    socket: Path | None
+    head: bytes  # the image's first bytes, for the boot-sector check
+
+
 class TemplateSource(Protocol):
     async def ready_template(
         self,
@@ -83,6 +101,21 @@ class TemplateSource(Protocol):
     ) -> ReadyTemplate:
         """Fetch (or find) the template and wait until it is verified; RpcError if not."""
 
+    async def stream_template(
+        self,
+        name: str | None,
+        version: str | None,
+        template_id: bytes | None,
+        notifier: Notifier,
+    ) -> StreamingTemplate:
+        """Start fetching the template and serve it over NBD; returns at once."""
+
+    async def resume_stream(self, template_id: bytes) -> Path | None:
+        """Serve a known template over NBD again (after a restart); None if it is complete."""
+
+    async def wait_complete(self, template_id: bytes) -> Path:
+        """Wait until the template is complete and verified here; its image file."""
+
 
 class FetchingNode(Protocol):
     """What NodeTemplates needs from the host daemon's Node."""
@@ -91,12 +124,39 @@ class FetchingNode(Protocol):
 
     async def fetch(self, name: str, version: str | None, notifier: Notifier) -> dict[str, Any]: ...
 
+    async def open_stream(
+        self, name: str, version: str | None
+    ) -> tuple[TemplateDownload, Path | None]: ...
+
 
 class NodeTemplates:
     """Templates through the node's swarm fetch path (the local copy when complete and verified)."""
 
     def __init__(self, node: FetchingNode) -> None:
         self._node = node
+
+    def _named(
+        self, name: str | None, version: str | None, template_id: bytes | None
+    ) -> tuple[str, str | None]:
+        if name is not None:
+            return name, version
+        if template_id is None:
+            raise ValueError("launch needs a template name or a template_id")
+        held = self._node.templates.get(template_id)
+        if held is None:
+            raise RpcError(
+                "unknown_template",
+                f"template {template_id.hex()} is not on this host; launch it by name",
+            )
+        return held.manifest.name, held.manifest.version
+
+    @staticmethod
+    def _check_id(got: bytes, template_id: bytes | None, name: str, version: str | None) -> None:
+        if template_id is not None and got != template_id:
+            raise RpcError(
+                "unknown_template",
+                f"{name}:{version or 'latest'} is template {got.hex()}, not {template_id.hex()}",
+            )
 
     async def ready_template(
         self,
@@ -105,31 +165,65 @@ class NodeTemplates:
         template_id: bytes | None,
         notifier: Notifier,
     ) -> ReadyTemplate:
-        if name is None:
-            if template_id is None:
-                raise ValueError("launch needs a template name or a template_id")
-            held = self._node.templates.get(template_id)
-            if held is None:
-                raise RpcError(
-                    "unknown_template",
-                    f"template {template_id.hex()} is not on this host; launch it by name",
-                )
-            name, version = held.manifest.name, held.manifest.version
+        name, version = self._named(name, version, template_id)
         result = await self._node.fetch(name, version, notifier)
         got = bytes.fromhex(str(result["template_id"]))
-        if template_id is not None and got != template_id:
-            raise RpcError(
-                "unknown_template",
-                f"{name}:{version or 'latest'} is template {got.hex()}, not {template_id.hex()}",
-            )
+        self._check_id(got, template_id, name, version)
         download = self._node.templates[got]
-        manifest = download.manifest
-        path = download.data.path
-        if path is None or not download.complete:
+        if not download.complete:
             raise RpcError("unknown_template", f"template {got.hex()} is not complete here")
-        return ReadyTemplate(
-            got, manifest.name, manifest.version, Path(path), manifest.format, manifest.size
+        return _ready(download, got)
+
+    async def stream_template(
+        self,
+        name: str | None,
+        version: str | None,
+        template_id: bytes | None,
+        notifier: Notifier,
+    ) -> StreamingTemplate:
+        name, version = self._named(name, version, template_id)
+        download, socket = await self._node.open_stream(name, version)
+        self._check_id(download.template_id, template_id, name, version)
+        source = DownloadSource(download)
+        count = min(_HEAD_BYTES, download.manifest.size)
+        with trio.move_on_after(HEAD_TIMEOUT):
+            if not source.is_zero(0):
+                await source.wait_ready(0)
+            head = await source.read(0, count)
+            return StreamingTemplate(_ready(download, download.template_id), socket, head)
+        raise RpcError(
+            "fetch_failed",
+            f"the first chunk of {name} did not arrive within {HEAD_TIMEOUT:.0f}s: "
+            f"{source.why_missing(0)}",
         )
+
+    async def resume_stream(self, template_id: bytes) -> Path | None:
+        download = self._node.templates.get(template_id)
+        if download is None:
+            raise RpcError("unknown_template", f"template {template_id.hex()} is not on this host")
+        _, socket = await self._node.open_stream(download.manifest.name, download.manifest.version)
+        return socket
+
+    async def wait_complete(self, template_id: bytes) -> Path:
+        download = self._node.templates[template_id]
+        while not download.complete:
+            await download.changed()
+        return _ready(download, template_id).path
+
+
+def _ready(download: TemplateDownload, template_id: bytes) -> ReadyTemplate:
+    manifest = download.manifest
+    path = download.data.path
+    if path is None:
+        raise RpcError("unknown_template", f"{manifest.name} has no image file on this host")
+    return ReadyTemplate(
+        template_id,
+        manifest.name,
+        manifest.version,
+        Path(path),
+        manifest.format,
+        manifest.size,
+    )
 
 
 @dataclass(frozen=True)
@@ -218,6 +312,9 @@ class VmService:
         self._resources_total: tuple[int, int] | None = None
         self.choice: DomainTypeChoice | None = None
         self.last_error: str | None = None
+        self._nursery: trio.Nursery | None = None
+        # Streamed VMs waiting for their template to complete (then switched to the file).
+        self._finishing: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -225,7 +322,9 @@ class VmService:
         """Open the instance records, then sample stats until cancelled."""
         self._store = await trio.to_thread.run_sync(InstanceStore, self.data_dir)
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._warm_up)
+            nursery.start_soon(self._resume_streams)
             task_status.started()
             while True:
                 await trio.sleep(self.sample_interval)
@@ -236,6 +335,18 @@ class VmService:
                     self._note_error(str(exc))
                 if self.capacity() != before:
                     self._on_change()  # a guest powered itself off, or came back
+
+    async def _resume_streams(self) -> None:
+        """After a restart: serve the exports streamed VMs still read from, and finish them."""
+        for instance in list(self.store):
+            if instance.template_socket is None:
+                continue
+            try:
+                await self.templates.resume_stream(bytes.fromhex(instance.template_id))
+            except RpcError as exc:
+                self._note_error(f"cannot serve the template of {instance.domain}: {exc.message}")
+                continue
+            self._start_finishing(instance.vm_id)
 
     async def _warm_up(self) -> None:
         """Connect, read the host's size and decide kvm or TCG now, not at the first launch."""
@@ -349,8 +460,13 @@ class VmService:
         flavor_name: str,
         vm_name: str | None,
         notifier: Notifier,
+        stream: bool = False,
     ) -> dict[str, Any]:
-        """Fetch the template if needed and boot a VM from it; the launch result."""
+        """Fetch the template if needed and boot a VM from it; the launch result.
+
+        `stream`: boot at once over the host's NBD export of the template while it arrives;
+        once complete, the VM's disk is switched live to the local file (`_finish_streaming`).
+        """
         flavor = self.flavor(flavor_name)
         if vm_name is not None:
             if not _VM_NAME.match(vm_name):
@@ -362,9 +478,14 @@ class VmService:
         await self._call_launcher(lambda: self._check_capacity(flavor.vcpus, flavor.memory))
         began = trio.current_time()
         await notifier.notify("phase", {"phase": "fetch"})
-        ready = await self.templates.ready_template(name, version, template_id, notifier)
+        socket: Path | None = None
+        if stream:
+            streaming = await self.templates.stream_template(name, version, template_id, notifier)
+            ready, socket, head = streaming.ready, streaming.socket, streaming.head
+        else:
+            ready = await self.templates.ready_template(name, version, template_id, notifier)
+            head = await trio.to_thread.run_sync(read_head, ready.path, _HEAD_BYTES)
         seconds_fetch = trio.current_time() - began
-        head = await trio.to_thread.run_sync(read_head, ready.path, 512)
         problem = boot_problem(head, ready.format, ready.size)
         if problem is not None:
             raise RpcError(
@@ -396,6 +517,7 @@ class VmService:
                 created=time.time(),
                 vcpus=flavor.vcpus,
                 memory=flavor.memory,
+                template_socket=None if socket is None else str(socket),
             )
             await self._call_launcher(
                 lambda: trio.to_thread.run_sync(self._create, instance, choice.domain_type, head)
@@ -404,6 +526,8 @@ class VmService:
         finally:
             del self._pending[vm_id]
             self._on_change()
+        if socket is not None:
+            self._start_finishing(instance.vm_id)
         seconds_boot = trio.current_time() - boot_began
         log.info(
             "launched %s (%s) from %s:%s, flavor %s, %s: fetch %.2fs, boot %.2fs",
@@ -427,6 +551,7 @@ class VmService:
             "seconds_fetch": round(seconds_fetch, 3),
             "seconds_boot": round(seconds_boot, 3),
             "host": self._host_label(),
+            "streaming": socket is not None,
         }
 
     def _check_name_free(self, name: str) -> None:
@@ -443,6 +568,7 @@ class VmService:
                 overlay_path=instance.overlay,
                 template_path=instance.template_path,
                 template_format=instance.template_format,
+                template_socket=instance.template_socket,
                 serial_log=instance.serial_log,
                 uuid=instance.uuid,
                 nic=self.nic,
@@ -453,9 +579,10 @@ class VmService:
         """Blocking: overlay, record, define, start; on failure nothing stays behind."""
         store = self.store
         template = Path(instance.template_path)
+        socket = None if instance.template_socket is None else Path(instance.template_socket)
         vm_dir = store.vm_dir(instance.vm_id)
         if self.check_access and domain_type is not DomainType.TEST:
-            for path in (template, vm_dir):
+            for path in (template if socket is None else socket, vm_dir):
                 blocked = unreachable_directory(path)
                 if blocked is not None:
                     raise InstanceError(
@@ -466,10 +593,16 @@ class VmService:
         make_vm_dir(vm_dir)
         recorded = defined = False
         try:
-            protect_template(template)
-            virtual = template_virtual_size(head, instance.template_format, template.stat().st_size)
-            grow = instance.flavor.disk if instance.flavor.disk > virtual else None
-            create_overlay(template, instance.template_format, Path(instance.overlay), grow)
+            if socket is None:
+                protect_template(template)  # a streamed one still arrives: made so once complete
+            grow = self._grow(instance, head)
+            create_overlay(
+                template,
+                instance.template_format,
+                Path(instance.overlay),
+                grow,
+                template_socket=socket,
+            )
             store.add(instance)
             recorded = True
             self.launcher.define(self._domain_xml(instance, domain_type))
@@ -482,6 +615,103 @@ class VmService:
                 self._quietly(store.remove, instance.vm_id)
             remove_vm_files(vm_dir, template)
             raise
+
+    @staticmethod
+    def _grow(instance: Instance, head: bytes) -> int | None:
+        """The flavor's disk size when it is larger than the template's, else None."""
+        # A streamed raw template's file is sparse but already has its full size.
+        size = Path(instance.template_path).stat().st_size
+        virtual = template_virtual_size(head, instance.template_format, size)
+        return instance.flavor.disk if instance.flavor.disk > virtual else None
+
+    # -- streaming: switch to the local template file once it is complete -----------------------
+
+    def _start_finishing(self, vm_id: str) -> None:
+        if self._nursery is None or vm_id in self._finishing:
+            return
+        self._finishing.add(vm_id)
+        self._nursery.start_soon(self._finish_streaming, vm_id)
+
+    async def _finish_streaming(self, vm_id: str) -> None:
+        """Wait for the template, then move the VM's disk off the NBD export (live if running)."""
+        try:
+            instance = self.store.get(vm_id)
+            if instance is None or instance.template_socket is None:
+                return
+            template_id = bytes.fromhex(instance.template_id)
+            await self.templates.wait_complete(template_id)
+            async with self._lock:
+                instance = self.store.get(vm_id)
+                if instance is None or instance.template_socket is None:
+                    return  # deleted meanwhile
+                state = await self._state(instance)
+                choice = await self._call_launcher(self._domain_type)
+                began = trio.current_time()
+                try:
+                    switched = await trio.to_thread.run_sync(
+                        self._switch_to_file, instance, state.active, choice.domain_type
+                    )
+                except (LauncherError, InstanceError, StoreError, OSError) as exc:
+                    self._note_error(
+                        f"{instance.domain} stays on the NBD export of its template: {exc}"
+                    )
+                    return
+            log.info(
+                "%s now reads its template from %s (%s switch, %.2fs)",
+                switched.domain,
+                switched.template_path,
+                "live" if state.active else "offline",
+                trio.current_time() - began,
+            )
+        finally:
+            self._finishing.discard(vm_id)
+
+    async def _resume_or_switch(self, instance: Instance) -> Instance:
+        """Before a streamed VM starts: the export up again, or (template complete) the file."""
+        socket = await self.templates.resume_stream(bytes.fromhex(instance.template_id))
+        if socket is not None:
+            return instance
+        choice = await self._call_launcher(self._domain_type)
+        switched: Instance = await self._call_launcher(
+            lambda: trio.to_thread.run_sync(
+                self._switch_to_file, instance, False, choice.domain_type
+            )
+        )
+        log.info("%s now reads its template from %s", switched.domain, switched.template_path)
+        return switched
+
+    def _switch_to_file(
+        self, instance: Instance, running: bool, domain_type: DomainType
+    ) -> Instance:
+        """Blocking: back the VM's overlay by the verified local file instead of the export."""
+        template = Path(instance.template_path)
+        protect_template(template)
+        old = Path(instance.overlay)
+        if running:
+            # A shallow block copy into a fresh overlay over the file, then a pivot (libvirt).
+            new = old.with_name(OVERLAY_NAME if old.name != OVERLAY_NAME else LOCAL_OVERLAY_NAME)
+            head = read_head(template, _HEAD_BYTES)
+            with contextlib.suppress(FileNotFoundError):
+                new.unlink()
+            create_overlay(template, instance.template_format, new, self._grow(instance, head))
+            try:
+                self.launcher.switch_backing(instance.domain, str(new), SWITCH_TIMEOUT)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    new.unlink()
+                raise
+            switched = replace(instance, overlay=str(new), template_socket=None)
+        else:
+            rebase_overlay(old, template, instance.template_format)
+            switched = replace(instance, template_socket=None)
+        self.store.update(switched)
+        if running:
+            # The pivot updated libvirt's persistent definition too.
+            old.unlink(missing_ok=True)
+        elif self.launcher.exists(switched.domain):
+            self.launcher.undefine(switched.domain)
+            self.launcher.define(self._domain_xml(switched, domain_type))
+        return switched
 
     @staticmethod
     def _quietly(action: Callable[[str], None], key: str) -> None:
@@ -556,6 +786,8 @@ class VmService:
                 await self._call_launcher(
                     lambda: self._check_capacity(instance.vcpus, instance.memory, instance.vm_id)
                 )
+                if instance.template_socket is not None:
+                    instance = await self._resume_or_switch(instance)
                 if state is VmState.MISSING:
                     choice = await self._call_launcher(self._domain_type)
                     xml = self._domain_xml(instance, choice.domain_type)
@@ -768,6 +1000,7 @@ class VmService:
                 flavor_name=params["flavor"],
                 vm_name=vm_name,
                 notifier=notifier,
+                stream=_flag(params, "stream"),
             )
 
         async def vms(params: dict[str, Any], notifier: Notifier) -> dict[str, Any]:
@@ -817,3 +1050,12 @@ __all__ = [
     "libvirt_launcher",
     "template_virtual_size",
 ]
+
+
+def _flag(params: dict[str, Any], key: str) -> bool:
+    value = params.get(key, False)
+    if value is None:
+        return False
+    if type(value) is not bool:
+        raise ValueError(f"{key} must be true or false")
+    return value

@@ -3,6 +3,7 @@
 Pure: ElementTree builds the text (it escapes paths and names correctly); nothing is read.
 `<vcpu current=N>MAX` and `<currentMemory>`/`<memory>` give live resize its room; the explicit
 `<backingStore>` names the template's format so libvirt never probes a raw template as qcow2.
+A streaming launch's backingStore is the host's NBD export of the template (a Unix socket).
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ class DomainSpec:
     arch: str = "x86_64"
     machine: str | None = None
     disk_bus: str = "virtio"
+    # Streaming launch: the template is read from this NBD Unix socket, not from template_path.
+    template_socket: str | None = None
 
     def __post_init__(self) -> None:
         if not _DOMAIN_NAME_PATTERN.match(self.name):
@@ -90,6 +93,10 @@ class DomainSpec:
                 raise ValueError(f"the {what} path must be absolute, got {path!r:.200}")
         if self.serial_log is not None and not self.serial_log.startswith("/"):
             raise ValueError(f"the serial log path must be absolute, got {self.serial_log!r:.200}")
+        if self.template_socket is not None and not self.template_socket.startswith("/"):
+            raise ValueError(
+                f"the template socket path must be absolute, got {self.template_socket!r:.200}"
+            )
 
 
 def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrs: str) -> ET.Element:
@@ -147,9 +154,16 @@ def _disk(devices: ET.Element, spec: DomainSpec) -> None:
     disk = _sub(devices, "disk", type="file", device="disk")
     _sub(disk, "driver", name="qemu", type="qcow2")
     _sub(disk, "source", file=spec.overlay_path)
-    backing = _sub(disk, "backingStore", type="file")
-    _sub(backing, "format", type=spec.template_format.value)
-    _sub(backing, "source", file=spec.template_path)
+    if spec.template_socket is None:
+        backing = _sub(disk, "backingStore", type="file")
+        _sub(backing, "format", type=spec.template_format.value)
+        _sub(backing, "source", file=spec.template_path)
+    else:
+        # A template still being fetched: the host's read-only NBD export serves its bytes.
+        backing = _sub(disk, "backingStore", type="network")
+        _sub(backing, "format", type=spec.template_format.value)
+        source = _sub(backing, "source", protocol="nbd")
+        _sub(source, "host", transport="unix", socket=spec.template_socket)
     _sub(backing, "backingStore")  # the template itself has no backing file
     _sub(disk, "target", dev="vda" if spec.disk_bus == "virtio" else "sda", bus=spec.disk_bus)
 

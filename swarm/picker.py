@@ -1,9 +1,10 @@
 """Which chunk to request from which peer: a pure policy, after libtorrent's piece_picker.
 
 Availability and each peer's bitfield go in, chunk indices to request come out. Order of
-preference for one peer: chunks a booting VM waits on (earliest deadline first), then a few
-random chunks until we hold `random_first` of them, then rarest-first with random tie-breaks,
-then, once every sourced missing chunk is requested, endgame duplicates.
+preference for one peer: chunks a booting VM waits on (earliest deadline first), then chunks in
+a preferred order (a prefetch profile: the order a boot first read them), then a few random
+chunks until we hold `random_first` of them, then rarest-first with random tie-breaks, then,
+once every sourced missing chunk is requested, endgame duplicates.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from .availability import Availability, bit_indices, mask_of, random_member
 from .bitfield import Bitfield
 
 PeerKey = Hashable
+# Preferred-order entries scanned from the cursor before ranking a peer's candidates instead.
+_PREFERRED_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class PickerConfig:
     pipeline_depth: int = 4
     endgame_duplicates: int = 2
     deadline_duplicates: int = 2
+    # Requests a peer may have beyond its pipeline for chunks a booting VM waits on.
+    deadline_extra: int = 1
     timeout_base: float = 10.0
     min_rate_bytes_per_s: float = 1024.0 * 1024.0
 
@@ -37,6 +42,8 @@ class PickerConfig:
             raise ValueError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
         if self.endgame_duplicates < 1:
             raise ValueError(f"endgame_duplicates must be >= 1, got {self.endgame_duplicates}")
+        if self.deadline_extra < 0:
+            raise ValueError(f"deadline_extra must be >= 0, got {self.deadline_extra}")
         if self.deadline_duplicates < 1:
             raise ValueError(f"deadline_duplicates must be >= 1, got {self.deadline_duplicates}")
         if self.timeout_base < 0:
@@ -109,6 +116,11 @@ class Picker:
         self._seq = 0
         self._deadlines: dict[int, float] = {}
         self._deadline_order: list[tuple[float, int]] | None = None
+        # Preferred fetch order; entries before the cursor are all held (or all-zero).
+        self._preferred: list[int] = []
+        self._preferred_rank: dict[int, int] = {}
+        self._preferred_cursor = 0
+        self._preferred_mask = 0
         # Union of every usable peer's set; rebuilt lazily after a peer loses chunks.
         self._reachable = 0
         self._reachable_stale = False
@@ -171,11 +183,16 @@ class Picker:
         state = self._peer(peer)
         depth = self._config.pipeline_depth if limit is None else limit
         room = depth - len(state.outstanding)
-        if room <= 0 or not self._missing or not state.has & self._missing:
+        if not self._missing or not state.has & self._missing:
             return []
         picked: list[int] = []
         if self._deadlines:
-            self._pick_deadlines(peer, state, now, room, picked)
+            # A waiting VM's chunk need not queue behind a full pipeline.
+            self._pick_deadlines(peer, state, now, room + self._config.deadline_extra, picked)
+        if room <= 0:
+            return picked
+        if len(picked) < room and self._preferred_mask:
+            self._pick_preferred(peer, state, now, room, picked)
         if len(picked) < room:
             self._pick_fresh(peer, state, now, room, picked)
         if len(picked) < room and self.in_endgame:
@@ -198,6 +215,34 @@ class Picker:
                 continue
             self._request(peer, state, index, now)
             picked.append(index)
+
+    def _pick_preferred(
+        self, peer: PeerKey, state: _Peer, now: float, room: int, picked: list[int]
+    ) -> None:
+        self._preferred_mask &= self._missing
+        order = self._preferred
+        cursor = self._preferred_cursor
+        # Held chunks never come back, so the cursor only moves forward: O(len) over the download.
+        while cursor < len(order) and not self._missing >> order[cursor] & 1:
+            cursor += 1
+        self._preferred_cursor = cursor
+        candidates = self._preferred_mask & self._free & state.has
+        # The next few entries usually hold the picks (the ones before are on their way).
+        end = min(len(order), cursor + _PREFERRED_WINDOW + room)
+        while len(picked) < room and candidates and cursor < end:
+            index = order[cursor]
+            cursor += 1
+            bit = 1 << index
+            if candidates & bit:
+                candidates ^= bit
+                self._request(peer, state, index, now)
+                picked.append(index)
+        if len(picked) < room and candidates:
+            # A peer lacking the next chunks: rank what it has rather than scan the whole order.
+            rank = self._preferred_rank.__getitem__
+            for index in heapq.nsmallest(room - len(picked), bit_indices(candidates), rank):
+                self._request(peer, state, index, now)
+                picked.append(index)
 
     def _pick_fresh(
         self, peer: PeerKey, state: _Peer, now: float, room: int, picked: list[int]
@@ -321,6 +366,22 @@ class Picker:
         self._check_index(index)
         if self._deadlines.pop(index, None) is not None:
             self._deadline_order = None
+
+    def set_preferred(self, order: Sequence[int]) -> None:
+        """Fetch missing chunks in this order (a prefetch profile) before random and rarest.
+
+        Deadline chunks still come first; chunks held, all-zero or already requested are
+        skipped, and so are those the asked peer lacks. Replaces any earlier order; [] clears.
+        """
+        indices = list(order)
+        for index in indices:
+            self._check_index(index)
+        self._preferred = indices
+        self._preferred_rank = {}
+        for rank, index in enumerate(indices):
+            self._preferred_rank.setdefault(index, rank)
+        self._preferred_cursor = 0
+        self._preferred_mask = mask_of(Bitfield.from_indices(self.size, indices)) & self._missing
 
     # ---- queries -------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
 
 import blake3
 import msgpack
@@ -24,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from .manifest import Manifest
+from .packed_record import unpack_record
 
 __all__ = [
     "DOMAIN",
@@ -135,22 +135,11 @@ class ManifestSignature:
         if len(raw) > MAX_ENVELOPE_BYTES:
             raise SignatureError(MALFORMED, f"signature envelope larger than {MAX_ENVELOPE_BYTES}")
         try:
-            fields: Any = msgpack.unpackb(
-                raw,
-                raw=False,
-                use_list=True,
-                max_str_len=64,
-                max_bin_len=SIGNATURE_LENGTH,
-                max_array_len=_ENVELOPE_FIELDS,
-                max_map_len=0,
-                max_ext_len=0,
+            fields = unpack_record(
+                raw, fields=_ENVELOPE_FIELDS, max_bin=SIGNATURE_LENGTH, what="signature"
             )
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise SignatureError(MALFORMED, f"signature is not valid msgpack: {exc}") from None
-        if type(fields) is not list or len(fields) != _ENVELOPE_FIELDS:
-            raise SignatureError(
-                MALFORMED, f"signature must be a msgpack array of {_ENVELOPE_FIELDS} fields"
-            )
+        except ValueError as exc:
+            raise SignatureError(MALFORMED, str(exc)) from None
         magic, version, key_id, not_after, signature = fields
         if magic != ENVELOPE_MAGIC:
             raise SignatureError(MALFORMED, f"not a vmswarm signature (magic {magic!r:.40})")

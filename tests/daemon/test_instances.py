@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import blake3
@@ -16,15 +18,20 @@ from vmswarm.daemon.instances import (
     InstanceStore,
     create_overlay,
     make_vm_dir,
+    nbd_backing,
     new_vm_id,
     protect_template,
     read_head,
+    rebase_overlay,
     remove_vm_files,
     unreachable_directory,
 )
 from vmswarm.daemon.storeerrors import StoreError
 from vmswarm.swarm.flavors import default_flavors
 from vmswarm.swarm.imageformat import ImageFormat
+
+from tests.ci import unavailable
+from tests.daemon.qemu_nbd import NbdServer
 
 needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
 
@@ -66,6 +73,28 @@ def test_records_survive_a_reopen(tmp_path: Path) -> None:
     assert again is not None and (again.vcpus, again.memory) == (2, 200 << 20)
     reopened.remove(first.vm_id)
     assert [i.vm_id for i in InstanceStore(tmp_path)] == [second.vm_id]
+
+
+def test_streaming_is_recorded_and_survives_a_reopen(tmp_path: Path) -> None:
+    store = InstanceStore(tmp_path)
+    streaming = replace(make_instance(tmp_path, "web"), template_socket="/d/nbd/ab.sock")
+    store.add(streaming)
+    again = InstanceStore(tmp_path).get(streaming.vm_id)
+    assert again == streaming and again.streaming
+    switched = replace(streaming, template_socket=None)
+    store.update(switched)
+    again = InstanceStore(tmp_path).get(streaming.vm_id)
+    assert again == switched and not again.streaming
+
+
+def test_records_written_before_streaming_still_load(tmp_path: Path) -> None:
+    old = make_instance(tmp_path).to_wire()
+    del old["template_socket"]  # a record from a daemon that predates streaming launches
+    (tmp_path / "vms").mkdir()
+    (tmp_path / "vms" / "instances.json").write_text(json.dumps({"version": 1, "instances": [old]}))
+    [loaded] = InstanceStore(tmp_path)
+    assert loaded.template_socket is None and not loaded.streaming
+    assert loaded.vm_id == old["vm_id"]
 
 
 def test_names_are_unique(tmp_path: Path) -> None:
@@ -187,3 +216,93 @@ def test_read_head(tmp_path: Path) -> None:
     path.chmod(0o444)
     assert read_head(path, 4) == b"abcd"
     assert read_head(path, 100) == b"abcdef"
+
+
+def qemu_img_info(path: Path) -> dict[str, object]:
+    info: dict[str, object] = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(path)],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
+    return info
+
+
+def test_nbd_backing_names_the_socket_as_qemu_reads_it() -> None:
+    assert nbd_backing(Path("/d/nbd/ab.sock")) == "nbd+unix:///?socket=/d/nbd/ab.sock"
+    assert nbd_backing(Path("/d d/a&b.sock")) == "nbd+unix:///?socket=/d%20d/a%26b.sock"
+
+
+@pytest.fixture
+def nbd_export(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """(template, socket): a 1 MiB raw template served read-only by qemu-nbd."""
+    if shutil.which("qemu-nbd") is None or shutil.which("qemu-img") is None:
+        unavailable("test overlays over NBD", "qemu-nbd and qemu-img are not installed")
+    template = tmp_path / "a dir&more" / "t.img"  # the socket path needs quoting in the URI
+    template.parent.mkdir()
+    template.write_bytes(b"\x07" * (1 << 20))
+    socket = template.parent / "t.sock"
+    server = NbdServer(template, socket)
+    try:
+        yield template, socket
+    finally:
+        server.stop()
+
+
+def test_overlay_over_an_nbd_export_then_rebased_onto_the_file(
+    tmp_path: Path, nbd_export: tuple[Path, Path]
+) -> None:
+    template, socket = nbd_export
+    overlay = tmp_path / "vm" / "disk.qcow2"
+    make_vm_dir(overlay.parent)
+    create_overlay(template, ImageFormat.RAW, overlay, template_socket=socket)
+    info = qemu_img_info(overlay)
+    assert info["backing-filename"] == nbd_backing(socket)
+    assert info["backing-filename-format"] == "raw"
+    assert info["virtual-size"] == 1 << 20  # learned from the export
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x55 0 4096", str(overlay)],
+        capture_output=True,
+        check=True,
+    )
+    rebase_overlay(overlay, template, ImageFormat.RAW)
+    info = qemu_img_info(overlay)
+    assert info["backing-filename"] == str(template)
+    assert info["backing-filename-format"] == "raw"
+    # The guest's write stays in the overlay; the rest now reads from the file.
+    for offset, pattern in ((0, "0x55"), (65536, "0x07")):
+        subprocess.run(
+            [
+                "qemu-io",
+                "-r",
+                "-f",
+                "qcow2",
+                "-c",
+                f"read -P {pattern} {offset} 4096",
+                str(overlay),
+            ],
+            capture_output=True,
+            check=True,
+        )
+
+
+def test_overlay_over_a_socket_nobody_serves_fails_and_leaves_nothing(tmp_path: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        unavailable("test overlays over NBD", "qemu-img is not installed")
+    overlay = tmp_path / "disk.qcow2"
+    with pytest.raises(InstanceError, match="could not create the overlay") as caught:
+        create_overlay(
+            tmp_path / "t.img", ImageFormat.RAW, overlay, template_socket=tmp_path / "no.sock"
+        )
+    assert caught.value.code == "launch_failed"
+    assert not overlay.exists()
+
+
+def test_rebase_failure_is_clear(tmp_path: Path) -> None:
+    if shutil.which("qemu-img") is None:
+        unavailable("test overlay rebase", "qemu-img is not installed")
+    with pytest.raises(InstanceError, match="could not rebase the overlay") as caught:
+        rebase_overlay(tmp_path / "missing.qcow2", tmp_path / "t.img", ImageFormat.RAW)
+    assert caught.value.code == "switch_failed"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 import uuid
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,8 @@ import pytest
 from vmswarm.daemon.libvirt_launcher import (
     PROBE_MARKER,
     LibvirtLauncher,
+    _file_disk_xml,
+    _first_disk_target,
     kvm_device_problem,
     offers_kvm,
     probe_boot_sector,
@@ -145,6 +148,33 @@ def test_stats_sample_running_domains(launcher: LibvirtLauncher, domain: str) ->
     assert sample.cpu_time_ns >= 0
     for counter in ("net_rx_bytes", "net_tx_bytes", "disk_read_bytes", "disk_write_bytes"):
         assert getattr(sample, counter) >= 0
+
+
+def test_the_test_driver_cannot_switch_a_disk_live(launcher: LibvirtLauncher, domain: str) -> None:
+    launcher.start(domain)
+    with pytest.raises(LauncherError, match="cannot block-copy") as caught:
+        launcher.switch_backing(domain, "/nonexistent/new.qcow2", 5.0)
+    assert caught.value.code == "unsupported"
+    assert launcher.state(domain) is VmState.RUNNING
+
+
+def test_the_switched_disk_is_the_domains_first_disk() -> None:
+    assert _first_disk_target(xml_for("d")) == "vda"
+    scsi = xml_for("d").replace('bus="virtio"', 'bus="scsi"').replace("vda", "sda")
+    assert _first_disk_target(scsi) == "sda"
+    cdrom_first = """<domain><devices>
+      <disk type='file' device='cdrom'><target dev='hdc'/></disk>
+      <disk type='file' device='disk'><target dev='vdb'/></disk>
+    </devices></domain>"""
+    assert _first_disk_target(cdrom_first) == "vdb"
+    assert _first_disk_target("<domain><devices/></domain>") is None
+
+
+def test_the_copy_destination_is_the_new_overlay_file() -> None:
+    disk = ET.fromstring(_file_disk_xml("/d/a&b'.qcow2"))
+    assert (disk.tag, disk.get("type")) == ("disk", "file")
+    assert disk.find("driver").get("type") == "qcow2"  # type: ignore[union-attr]
+    assert disk.find("source").get("file") == "/d/a&b'.qcow2"  # type: ignore[union-attr]
 
 
 def test_unreachable_libvirt_is_one_clear_error() -> None:

@@ -146,6 +146,7 @@ async def test_launch_goes_to_the_host_holding_most_of_the_template(
         "template_id": TID,
         "flavor": "small",
         "vm_name": "web1",
+        "stream": False,
     }
     [record] = t.placement.decisions
     assert (record.host_peer_id, record.reason, record.vm_id, record.error) == (
@@ -154,6 +155,16 @@ async def test_launch_goes_to_the_host_holding_most_of_the_template(
         "vm-1",
         None,
     )
+
+
+async def test_a_streaming_launch_is_forwarded_as_one(
+    clocked: tuple[Tracker, FakeClock], hosts: FakeHosts
+) -> None:
+    t, _ = clocked
+    announce(t, 1)
+    await launch(t, stream=True)
+    [(_, method, forwarded)] = hosts.calls
+    assert method == "launch" and forwarded["stream"] is True
 
 
 async def test_without_a_majority_holder_the_least_loaded_host_wins(
@@ -203,6 +214,7 @@ async def test_no_capacity_changes_nothing_and_names_the_flavor(
         ({"host": "zz"}, "unknown_host", "HOST:PORT or a peer id"),
         ({"flavor": 3}, "bad_request", "'flavor'"),
         ({"vm_name": ""}, "bad_request", "'vm_name'"),
+        ({"stream": "yes"}, "bad_request", "'stream'"),
     ],
 )
 async def test_bad_launches_are_refused_before_any_host_is_asked(

@@ -26,6 +26,7 @@ from vmswarm.daemon.vm_service import (
     FetchingNode,
     NodeTemplates,
     ReadyTemplate,
+    StreamingTemplate,
     VmService,
     boot_problem,
     cpu_utilisation,
@@ -69,6 +70,23 @@ class FakeTemplates:
             ImageFormat.RAW,
             self.path.stat().st_size,
         )
+
+    async def stream_template(
+        self,
+        name: str | None,
+        version: str | None,
+        template_id: bytes | None,
+        notifier: Notifier,
+    ) -> StreamingTemplate:
+        # Already complete: a streaming launch boots from the file like any other.
+        ready = await self.ready_template(name, version, template_id, notifier)
+        return StreamingTemplate(ready, None, self.path.read_bytes()[:512])
+
+    async def resume_stream(self, template_id: bytes) -> Path | None:
+        return None
+
+    async def wait_complete(self, template_id: bytes) -> Path:
+        return self.path
 
 
 def silent() -> Notifier:

@@ -85,6 +85,31 @@ def test_disk_is_the_overlay_backed_by_the_template(image_format: ImageFormat) -
     assert disk.find("target").get("bus") == "virtio"  # type: ignore[union-attr]
 
 
+@pytest.mark.parametrize("image_format", [ImageFormat.RAW, ImageFormat.QCOW2])
+def test_streaming_disk_is_backed_by_the_nbd_export(image_format: ImageFormat) -> None:
+    socket = "/var/lib/vmswarm/nbd/ff.sock"
+    root = parsed(spec(template_format=image_format, template_socket=socket))
+    [disk] = root.findall("devices/disk")
+    assert disk.find("source").get("file") == "/var/lib/vmswarm/vms/abc/disk.qcow2"  # type: ignore[union-attr]
+    backing = disk.find("backingStore")
+    assert backing is not None and backing.get("type") == "network"
+    assert backing.find("format").get("type") == image_format.value  # type: ignore[union-attr]
+    source = backing.find("source")
+    assert source is not None and source.get("protocol") == "nbd"
+    assert source.get("file") is None
+    hosts = source.findall("host")
+    assert [(h.get("transport"), h.get("socket")) for h in hosts] == [("unix", socket)]
+    end = backing.find("backingStore")
+    assert end is not None and len(end) == 0
+    assert disk.find("target").get("dev") == "vda"  # type: ignore[union-attr]
+
+
+def test_streaming_socket_path_is_escaped() -> None:
+    socket = "/run/x<&>\"'.sock"
+    host = parsed(spec(template_socket=socket)).find("devices/disk/backingStore/source/host")
+    assert host is not None and host.get("socket") == socket
+
+
 def test_serial_console_goes_to_the_log_file() -> None:
     root = parsed(spec())
     serial = root.find("devices/serial")
@@ -135,6 +160,7 @@ def test_paths_are_escaped_and_survive_exactly(tail: str) -> None:
         ({"overlay_path": "relative/disk.qcow2"}, "absolute"),
         ({"template_path": "t.img"}, "absolute"),
         ({"serial_log": "serial.log"}, "absolute"),
+        ({"template_socket": "nbd/t.sock"}, "socket path must be absolute"),
     ],
 )
 def test_invalid_specs_are_refused(changes: dict[str, object], message: str) -> None:
