@@ -959,6 +959,8 @@ class VmService:
             "created": instance.created,
             "serial_log": instance.serial_log,
             "overlay": instance.overlay,
+            # Still reading its template over the host's NBD export (switched once complete).
+            "streaming": instance.template_socket is not None,
         }
 
     def status(self) -> dict[str, Any]:

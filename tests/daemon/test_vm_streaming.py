@@ -133,6 +133,7 @@ async def test_a_streamed_vm_reads_the_export_until_its_next_start_after_complet
         assert instance.template_socket == str(socket)
         assert backing_of(instance.overlay).startswith("nbd+unix://")
         assert template.stat().st_mode & 0o777 != 0o444  # still arriving: not protected yet
+        assert (await service.vms())["vms"][0]["streaming"] is True
 
         # The test driver cannot block-copy: the running VM stays on the export, and says so.
         templates.complete.set()
@@ -153,6 +154,7 @@ async def test_a_streamed_vm_reads_the_export_until_its_next_start_after_complet
         assert isinstance(launcher, LibvirtLauncher)
         xml = launcher._call("XMLDesc", lambda c: c.lookupByName(switched.domain).XMLDesc(0))
         assert "nbd" not in xml and str(template) in xml
+        assert (await service.vms())["vms"][0]["streaming"] is False
 
 
 async def test_a_stopped_streamed_vm_is_rebased_when_the_template_completes(
@@ -199,3 +201,23 @@ async def test_a_launch_of_a_complete_template_does_not_stream(
         (instance,) = list(service.store)
         assert instance.template_socket is None
         assert backing_of(instance.overlay) == str(template)
+
+
+async def test_after_a_restart_the_export_comes_back_for_a_streamed_vm(
+    tmp_path: Path, nbd_template: tuple[Path, Path]
+) -> None:
+    template, socket = nbd_template
+    templates = ExportedTemplates(template, socket)
+    launcher = LibvirtLauncher("test:///default")
+    first = VmService(launcher, tmp_path / "data", templates, default_flavors())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(first.run)
+        await launch(first)
+        nursery.cancel_scope.cancel()
+    assert templates.resumed == 0
+    async with streaming_host(tmp_path, templates) as again:
+        with trio.fail_after(10):
+            await until(lambda: templates.resumed == 1)
+        (instance,) = list(again.store)
+        assert instance.template_socket == str(socket)
+    launcher.close()
