@@ -25,6 +25,7 @@ from .bans import BAN_REASONS
 from .catalog import Catalog
 from .download import TemplateDownload
 from .rpc import RpcError
+from .streaming import TemplateStreams
 from .transfer_events import TransferEvents, role_label
 from .vm_service import VmService
 
@@ -163,6 +164,9 @@ class NodeState(Protocol):
     @property
     def vms(self) -> VmService | None: ...
 
+    @property
+    def streams(self) -> TemplateStreams | None: ...
+
 
 def _template_label(download: TemplateDownload) -> str:
     return f"{download.manifest.name}:{download.manifest.version}"
@@ -182,6 +186,9 @@ class NodeCollector:
         vms = self._node.vms
         if vms is not None:
             yield from vm_metrics(vms)
+        streams = self._node.streams
+        if streams is not None:
+            yield from nbd_metrics(streams.status())
 
     def _templates(self, downloads: list[TemplateDownload]) -> Iterator[Metric]:
         ratio = GaugeMetricFamily(
@@ -240,6 +247,29 @@ class NodeCollector:
         )
         free.add_metric([], fs.f_bavail * fs.f_frsize)
         yield free
+
+
+_NBD_SERIES = (
+    ("reads", "nbd_reads_total", "Read requests the template's NBD export answered", True),
+    ("bytes_read", "nbd_read_bytes_total", "Bytes the template's NBD export returned", True),
+    ("eio_count", "nbd_read_errors_total", "NBD reads answered EIO (a chunk never came)", True),
+    ("clients", "nbd_clients", "Clients (qemu) connected to the template's NBD export", False),
+)
+
+
+def nbd_metrics(exports: list[dict[str, object]]) -> list[Metric]:
+    """Per streamed template: what its NBD export served (status() of daemon.streaming)."""
+    families: list[Metric] = []
+    for key, name, documentation, counter in _NBD_SERIES:
+        kind = CounterMetricFamily if counter else GaugeMetricFamily
+        family = kind(f"{PREFIX}_{name}", documentation, labels=["template"])
+        for export in exports:
+            value = export.get(key, 0)
+            family.add_metric(
+                [str(export["template"])], float(value) if isinstance(value, int | float) else 0.0
+            )
+        families.append(family)
+    return families
 
 
 def stored_bytes(role: Role, downloads: Iterable[TemplateDownload]) -> int:

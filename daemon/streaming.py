@@ -37,6 +37,7 @@ class _Stream:
     export: NbdExport
     socket: Path
     recorder: ProfileRecorder
+    label: str  # name:version, the metrics' template label
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
@@ -83,7 +84,8 @@ class TemplateStreams:
             read_timeout=self._read_timeout,
             on_first_read=recorder.read,
         )
-        stream = _Stream(export, socket, recorder)
+        label = f"{download.manifest.name}:{download.manifest.version}"
+        stream = _Stream(export, socket, recorder, label)
         self._streams[template_id] = stream
         try:
             await self._nursery.start(self._serve, stream)
@@ -128,8 +130,10 @@ class TemplateStreams:
         return [
             {
                 "template_id": template_id.hex(),
+                "template": stream.label,
                 "socket": str(stream.socket),
                 "profile_chunks": len(stream.recorder),
+                **stream.export.status(),
             }
             for template_id, stream in self._streams.items()
         ]

@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -69,6 +70,15 @@ class FakeNode:
     role: Role = Role.HOST
     templates: dict[bytes, TemplateDownload] = field(default_factory=dict)
     vms: VmService | None = None
+    streams: Any = None  # a TemplateStreams, or what stands in for its status()
+
+
+@dataclass
+class FakeStreams:
+    exports: list[dict[str, object]]
+
+    def status(self) -> list[dict[str, object]]:
+        return self.exports
 
 
 def real_bytes(manifest: Manifest) -> int:
@@ -527,3 +537,15 @@ async def test_http_caps_concurrent_connections(nursery: trio.Nursery) -> None:
         await until_status(address, 200)
     for stream in idle:
         await stream.aclose()
+
+
+def test_nbd_exports_are_counted_per_template(tmp_path: Path) -> None:
+    exports: list[dict[str, object]] = [
+        {"template": "big:1", "reads": 325, "bytes_read": 9467904, "eio_count": 2, "clients": 1}
+    ]
+    registry, _ = node_registry(FakeNode(tmp_path, streams=FakeStreams(exports)))
+    check_naming_rules(generate_latest(registry).decode())
+    assert value(registry, "vmswarm_nbd_reads_total", template="big:1") == 325
+    assert value(registry, "vmswarm_nbd_read_bytes_total", template="big:1") == 9467904
+    assert value(registry, "vmswarm_nbd_read_errors_total", template="big:1") == 2
+    assert value(registry, "vmswarm_nbd_clients", template="big:1") == 1
