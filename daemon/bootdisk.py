@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
+
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
@@ -41,6 +43,7 @@ TOOLS = ("sfdisk", "mkfs.fat", "mcopy", "mdir", "syslinux", "cpio", "dpkg-deb", 
 _MARKER_PATTERN = re.compile(r"^[A-Za-z0-9._:=-]{1,120}$")
 _KERNEL_DEB = re.compile(r"^linux-image-(\d[\w.+-]*-amd64)_[^_]+_amd64\.deb$")
 _COMMAND_TIMEOUT = 600.0
+_PAD_BLOCK = 4 * MIB
 
 SYSLINUX_CFG = """SERIAL 0 115200
 DEFAULT linux
@@ -302,3 +305,27 @@ def build_boot_disk(
         shutil.move(disk, path)
     log.info("built boot disk %s (kernel %s, marker %s)", path, kernel_release, marker)
     return BootDisk(path, marker, kernel_release, size, power_off)
+
+
+def pad_boot_disk(src: Path, dst: Path, size: int, seed: int = 0) -> Path:
+    """Copy the bootable disk `src` to `dst` and fill it up to `size` bytes with seeded random
+    data the boot never reads: a large template whose boot touches only its first MiBs."""
+    src, dst = Path(src), Path(dst)
+    head = src.read_bytes()
+    if size % MIB or size < len(head):
+        raise ValueError(f"size must be a whole number of MiB, at least {len(head)}, got {size}")
+    # blake3's extendable output: fast, deterministic, incompressible (no zero chunks to skip).
+    stream = blake3.blake3(b"pad" + seed.to_bytes(8, "big"))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    partial = dst.with_name(dst.name + ".partial")
+    with partial.open("wb") as out:
+        out.write(head)
+        offset = len(head)
+        while offset < size:
+            piece = min(_PAD_BLOCK, size - offset)
+            out.write(stream.digest(length=piece, seek=offset))
+            offset += piece
+        out.flush()
+        os.fsync(out.fileno())
+    partial.replace(dst)
+    return dst

@@ -16,18 +16,17 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from bench.libtorrent_baseline import parse_size
 from bench.report import emit
 
 from . import report
+from .args import DEFAULT_SCRATCH, fresh_scratch, host_counts, link_rate, raise_interrupt
 from .fluid import TCP_PAYLOAD_FRACTION
-from .netns import Network, cleanup_stale, cleanup_stale_scratch, rate_bits, scratch_prefix
+from .netns import Network, rate_bits
 from .scenarios import SCENARIOS, RunResult, Settings, Template, node_names, run_scenario
 
 FULL_HOSTS = [1, 2, 3, 4, 6, 8, 12]
@@ -36,17 +35,6 @@ FULL_SIZE = "256MiB"
 QUICK_SIZE = "16MiB"
 DEFAULT_OUT = Path("bench/results/cluster")
 # Not /tmp: on many systems a tmpfs, where 12 host images would count as memory.
-DEFAULT_SCRATCH = Path("/var/tmp")
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = sorted({int(v) for v in text.split(",") if v.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,3, got {text!r}") from None
-    if not values or values[0] < 1:
-        raise argparse.ArgumentTypeError(f"host counts must be >= 1, got {text!r}")
-    return values
 
 
 def _scenario_list(text: str) -> list[str]:
@@ -59,21 +47,16 @@ def _scenario_list(text: str) -> list[str]:
     return names
 
 
-def _rate(text: str) -> int:
-    try:
-        return rate_bits(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.cluster",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZE}, N in 1,2")
-    parser.add_argument("--hosts", type=_int_list, default=None, help="e.g. 1,2,3,4,6,8,12")
-    parser.add_argument("--rate", type=_rate, default=rate_bits("100mbit"), help="100mbit|1gbit")
+    parser.add_argument("--hosts", type=host_counts, default=None, help="e.g. 1,2,3,4,6,8,12")
+    parser.add_argument(
+        "--rate", type=link_rate, default=rate_bits("100mbit"), help="100mbit|1gbit"
+    )
     parser.add_argument("--size", type=parse_size, default=None, help="template size, e.g. 256MiB")
     parser.add_argument(
         "--scenarios", type=_scenario_list, default=list(SCENARIOS), help=",".join(SCENARIOS)
@@ -91,26 +74,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM/SIGHUP take the same path as Ctrl-C, so every `finally` tears down.
-    raise KeyboardInterrupt(f"got signal {signum}")
-
-
 def run(args: argparse.Namespace, say: Any = print) -> tuple[list[RunResult], dict[str, Any]]:
     """Run every scenario for every N; write the results and return them with their document."""
     if os.geteuid() != 0:
         raise SystemExit("bench.cluster needs root (network namespaces and tc)")
-    base = Path(args.workdir or DEFAULT_SCRATCH)
-    removed = cleanup_stale()
-    if removed:
-        say(f"removed {len(removed)} namespaces left by a killed run")
-    for path in cleanup_stale_scratch(base):
-        say(f"removed {path}, left by a killed run")
     out: Path = args.out
     logdir = out / "logs"
-    shutil.rmtree(logdir, ignore_errors=True)
-    base.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=scratch_prefix(), dir=base))
+    scratch = fresh_scratch(args.workdir, out, say)
     results: list[RunResult] = []
     failures: list[str] = []
     started = time.monotonic()
@@ -170,7 +140,7 @@ def run(args: argparse.Namespace, say: Any = print) -> tuple[list[RunResult], di
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _raise_interrupt)
+        signal.signal(sig, raise_interrupt)
 
     def say(text: str) -> None:
         sys.stderr.write(text + "\n")
