@@ -79,6 +79,9 @@ class DownloadConfig:
     center_depth_when_sharing: int = 2
     # A chunk a reader waits on gets a second source when the first has not sent it by then.
     urgent_grace: float = 1.0
+    # A reader waiting on chunk k will likely want k+1.. next (a boot loads files in order):
+    # these many chunks after it are asked for right behind it.
+    urgent_readahead: int = 2
     picker: PickerConfig | None = None
     link: LinkOptions | None = None
 
@@ -879,9 +882,19 @@ class TemplateDownload:
         if self.data.has(index):
             self._release_waiters((index,))
             return
-        self._picker.set_deadline(index, trio.current_time() + self.config.urgent_grace)
-        self._unmask([index])  # whoever holds it, the centers too
+        now = trio.current_time()
+        self._picker.set_deadline(index, now + self.config.urgent_grace)
+        ahead = self._readahead(index)
+        for step, later in enumerate(ahead, start=1):
+            # Later deadlines: behind the waited chunk, and no duplicate request for a while.
+            self._picker.set_deadline(later, now + self.config.urgent_grace * (1 + 4 * step))
+        self._unmask([index, *ahead])  # whoever holds them, the centers too
         self._fill_all()
+
+    def _readahead(self, index: int) -> list[int]:
+        """The missing non-zero chunks among the few right after `index`."""
+        end = min(index + 1 + self.config.urgent_readahead, len(self._lengths))
+        return [i for i in range(index + 1, end) if self._picker.is_missing(i)]
 
     def _release_waiters(self, indices: Iterable[int]) -> None:
         for index in indices:

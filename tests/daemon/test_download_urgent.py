@@ -114,3 +114,22 @@ async def test_a_reopened_store_is_verified_before_it_is_read(tmp_path: Path) ->
         assert await source.read(2 * CHUNK, CHUNK) == data[2 * CHUNK : 3 * CHUNK]
         assert target.chunk_file(2) is not None  # verified by that read
         nursery.cancel_scope.cancel()
+
+
+async def test_the_chunks_after_a_waited_one_are_asked_for_right_behind_it(
+    tmp_path: Path,
+) -> None:
+    data, manifest = make_image(PATTERN, seed=16)
+    async with trio.open_nursery() as nursery:
+        seed = RecordingSource(host_store(tmp_path / "seed", data, manifest, range(20)))
+        async with seeding(nursery, seed) as s:
+            target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
+            download = await start_download(nursery, target, [])
+            nursery.start_soon(download.wait_chunk, 8)
+            await trio.sleep(0.1)
+            await download.add_sources([s.address])
+            with trio.fail_after(20):
+                await download.wait_done()
+            # 8 waited on, then 9 (10 is all zeros: never fetched): a boot reads on in order.
+            assert seed.reads[:2] == [8, 9]
+            nursery.cancel_scope.cancel()
