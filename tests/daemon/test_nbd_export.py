@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import socket
 import stat
 import struct
@@ -23,8 +22,6 @@ import pytest
 import trio
 from vmswarm.daemon.nbd_export import ChunkUnavailable, NbdExport, NbdExportError
 from vmswarm.swarm import nbd
-
-from ..ci import unavailable
 
 NAME = "tiny-template"
 CS = 64 << 10  # chunk size
@@ -99,13 +96,6 @@ def patterned(count: int, zero: Iterable[int] = (), tail: int = CS) -> bytes:
     chunks = [bytes([0 if i in zeros else i + 1]) * CS for i in range(count)]
     chunks[-1] = chunks[-1][:tail]
     return b"".join(chunks)
-
-
-@pytest.fixture
-def qemu() -> None:
-    for tool in ("qemu-io", "qemu-img"):
-        if shutil.which(tool) is None:
-            unavailable("run qemu-io and qemu-img", f"{tool} is not installed")
 
 
 @contextlib.asynccontextmanager

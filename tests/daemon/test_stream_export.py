@@ -1,0 +1,51 @@
+"""A real template download behind the NBD export, read by qemu-io: bytes, waits, EIO."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import trio
+from vmswarm.daemon.download_source import DownloadSource
+from vmswarm.daemon.imagestore import ImageStore
+from vmswarm.daemon.nbd_export import NbdExport
+from vmswarm.daemon.template_sources import HostTemplate
+from vmswarm.swarm.messages import Role
+
+from .test_download import CHUNK, center_store, make_image, seeding, start_download
+from .test_nbd_export import qemu_io
+
+PATTERN = "DDDD0DDD"
+
+
+async def test_qemu_reads_a_template_still_arriving_and_gets_eio_for_a_lost_chunk(
+    tmp_path: Path, qemu: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    data, manifest = make_image(PATTERN, seed=21)
+    socket = tmp_path / "t.sock"
+    async with trio.open_nursery() as nursery:
+        # The only source lacks chunk 6: no one can deliver it.
+        partial = center_store(tmp_path / "c", data, manifest, [0, 1, 2, 3, 5, 7])
+        async with seeding(nursery, partial, Role.STORAGE) as center:
+            target = HostTemplate(ImageStore(tmp_path / "host", manifest))
+            download = await start_download(nursery, target, [center.address])
+            export = NbdExport(
+                DownloadSource(download), socket, export_name="tmpl", read_timeout=1.0
+            )
+            await nursery.start(export.serve)
+            # Chunk 2 and the zero chunk 4, read the moment the export is up: both answered.
+            code, out = await qemu_io(socket, f"read -P 0 {4 * CHUNK} {CHUNK}")
+            assert code == 0, out
+            expected = data[2 * CHUNK + 5]
+            code, out = await qemu_io(socket, f"read -P {expected} {2 * CHUNK + 5} 1")
+            assert code == 0 and "Pattern verification failed" not in out, out
+            assert target.has(2)
+            with caplog.at_level(logging.WARNING):
+                code, out = await qemu_io(socket, f"read {6 * CHUNK} 4096")
+            assert code != 0 or "Input/output error" in out, out
+            assert "Input/output error" in out
+            assert export.status()["eio_count"] == 1
+            assert "EIO: chunk 6" in caplog.text and "no source holds chunk 6" in caplog.text
+            assert not target.has(6)
+            nursery.cancel_scope.cancel()
