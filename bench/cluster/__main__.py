@@ -52,6 +52,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.cluster",
         description=__doc__.splitlines()[0] if __doc__ else None,
     )
+    parser.add_argument(
+        "--boot",
+        action="store_true",
+        help="time to a running VM with and without launch --stream instead (first option; "
+        "the rest go to python -m bench.boot_stream)",
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_SIZE}, N in 1,2")
     parser.add_argument("--hosts", type=host_counts, default=None, help="e.g. 1,2,3,4,6,8,12")
     parser.add_argument(
@@ -138,6 +144,13 @@ def run(args: argparse.Namespace, say: Any = print) -> tuple[list[RunResult], di
 
 
 def main(argv: list[str] | None = None) -> None:
+    given = sys.argv[1:] if argv is None else argv
+    if given[:1] == ["--boot"]:
+        # The same cluster, timing VM launches instead of fetches: bench.boot_stream.
+        from bench.boot_stream import main as boot_main
+
+        boot_main(given[1:])
+        return
     args = parse_args(argv)
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_interrupt)
