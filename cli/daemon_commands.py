@@ -80,6 +80,7 @@ def node_config(settings: Settings) -> NodeConfig:
         trusted_keys=trust_keys(settings),
         allow_unsigned=settings["cluster.allow_unsigned"],
         scrub_interval=settings["daemon.scrub_interval"],
+        nbd_read_timeout=settings["daemon.nbd_read_timeout"],
         tls=tls_material(
             settings, TlsRole(role), warn=False
         ),  # a host needs a host certificate, and so on

@@ -63,7 +63,7 @@ from .ratelimit import limiter_for
 from .rpc import Handler, Notifier, RpcError, serve_rpc
 from .sd_notify import notify_service
 from .storeerrors import StoreCorruptError, StoreError
-from .streaming import NBD_DIR, TemplateStreams
+from .streaming import DEFAULT_READ_TIMEOUT, NBD_DIR, TemplateStreams
 from .template_sources import CenterTemplate, HostTemplate, TemplateData
 from .tls import (
     INSECURE_WARNING,
@@ -129,6 +129,8 @@ class NodeConfig:
     idle_timeout: float | None = None
     # A storage center re-hashes every stored chunk this often (seconds; 0: only on request).
     scrub_interval: float = DEFAULT_SCRUB_INTERVAL
+    # A streamed VM's NBD read waits this long for a missing chunk, then gets EIO.
+    nbd_read_timeout: float = DEFAULT_READ_TIMEOUT
     # Mutual TLS on every TCP link (tracker, peers, RPC); None: plain TCP (--insecure).
     tls: TlsMaterial | None = None
 
@@ -267,7 +269,10 @@ class Node:
                     )
                 if self.role is Role.HOST:
                     self.streams = TemplateStreams(
-                        self.data_dir / NBD_DIR, nursery, upload_profile=self._put_profile
+                        self.data_dir / NBD_DIR,
+                        nursery,
+                        read_timeout=self.config.nbd_read_timeout,
+                        upload_profile=self._put_profile,
                     )
                 if self.vms is not None:
                     await nursery.start(self.vms.run)

@@ -252,6 +252,13 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         "daemon",
+        "nbd_read_timeout",
+        _number(1.0),
+        60.0,
+        "Seconds a streamed VM's read may wait for a chunk before it gets an I/O error.",
+    ),
+    Key(
+        "daemon",
         "scrub_interval",
         _number(0.0),
         86400.0,

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 import trio
+import typer
+from typer.testing import CliRunner
+from vmswarm.cli import daemon_commands
 from vmswarm.daemon.download_source import DownloadSource
 from vmswarm.daemon.imagestore import ImageStore
 from vmswarm.daemon.nbd_export import NbdExport
+from vmswarm.daemon.node import NodeConfig
 from vmswarm.daemon.template_sources import HostTemplate
 from vmswarm.swarm.messages import Role
 
@@ -49,3 +53,27 @@ async def test_qemu_reads_a_template_still_arriving_and_gets_eio_for_a_lost_chun
             assert "EIO: chunk 6" in caplog.text and "no source holds chunk 6" in caplog.text
             assert not target.has(6)
             nursery.cancel_scope.cancel()
+
+
+def test_the_nbd_read_timeout_comes_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    seen: list[NodeConfig] = []
+
+    async def fake_run(config: NodeConfig) -> None:
+        seen.append(config)
+
+    monkeypatch.setattr(daemon_commands, "run_until_signalled", fake_run)
+    app = typer.Typer()
+    daemon_commands.register(app)
+    args = ["daemon", "run", "--role", "host", "--data-dir", str(tmp_path), "--insecure"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].nbd_read_timeout == 60.0
+    monkeypatch.setenv("VMSWARM_DAEMON_NBD_READ_TIMEOUT", "5")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen[-1].nbd_read_timeout == 5.0
+    monkeypatch.setenv("VMSWARM_DAEMON_NBD_READ_TIMEOUT", "0.1")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "nbd_read_timeout" in result.output
