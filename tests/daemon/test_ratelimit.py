@@ -7,18 +7,16 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
-from vmswarm.cli import daemon_commands
-from vmswarm.daemon.node import NodeConfig
 from vmswarm.daemon.peer_link import LinkOptions, LinkUp, PeerLink
 from vmswarm.daemon.ratelimit import RateLimiter, TokenBucket, limiter_for, parse_rate
 from vmswarm.daemon.serving import ChunkServer
 from vmswarm.swarm.bitfield import Bitfield
 from vmswarm.swarm.messages import Chunk, Request
 
+from .daemon_cli import capture_node_configs
 from .test_peer_link import CHUNK, MemoryTemplate, image, link_pair
 
 # No keepalives or idle timeouts to speak of: the limiter's are the only deadlines that matter.
@@ -149,14 +147,7 @@ async def test_chunk_servers_of_a_node_share_one_upload_rate(
 def test_daemon_run_parses_upload_limit_into_the_node_config(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    seen: list[NodeConfig] = []
-
-    async def fake_run(config: NodeConfig) -> None:
-        seen.append(config)
-
-    monkeypatch.setattr(daemon_commands, "run_until_signalled", fake_run)
-    app = typer.Typer()
-    daemon_commands.register(app)
+    app, seen = capture_node_configs(monkeypatch)
     runner = CliRunner()
     base = ["daemon", "run", "--role", "storage", "--data-dir", str(tmp_path), "--insecure"]
     result = runner.invoke(app, [*base, "--upload-limit", "100Mbit"])

@@ -7,16 +7,14 @@ from pathlib import Path
 
 import pytest
 import trio
-import typer
 from typer.testing import CliRunner
-from vmswarm.cli import daemon_commands
 from vmswarm.daemon.download_source import DownloadSource
 from vmswarm.daemon.imagestore import ImageStore
 from vmswarm.daemon.nbd_export import NbdExport
-from vmswarm.daemon.node import NodeConfig
 from vmswarm.daemon.template_sources import HostTemplate
 from vmswarm.swarm.messages import Role
 
+from .daemon_cli import capture_node_configs
 from .test_download import CHUNK, center_store, make_image, seeding, start_download
 from .test_nbd_export import qemu_io
 
@@ -58,14 +56,7 @@ async def test_qemu_reads_a_template_still_arriving_and_gets_eio_for_a_lost_chun
 def test_the_nbd_read_timeout_comes_from_the_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    seen: list[NodeConfig] = []
-
-    async def fake_run(config: NodeConfig) -> None:
-        seen.append(config)
-
-    monkeypatch.setattr(daemon_commands, "run_until_signalled", fake_run)
-    app = typer.Typer()
-    daemon_commands.register(app)
+    app, seen = capture_node_configs(monkeypatch)
     args = ["daemon", "run", "--role", "host", "--data-dir", str(tmp_path), "--insecure"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
