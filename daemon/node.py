@@ -822,14 +822,16 @@ class Node:
         if download.error is not None:
             await download.retry()
         raw = self._profiles.get(download.template_id)
+        known = 0
         if raw is not None:
             try:
                 profile = decode_profile(raw, download.manifest)
             except ProfileError as exc:
                 log.warning("ignoring the prefetch profile of %s: %s", label, exc)
             else:
+                known = len(profile.order)
                 await download.prefer(profile.order)
-        return download, await self.streams.export(download)
+        return download, await self.streams.export(download, known_chunks=known)
 
     async def _put_profile(self, template_id: bytes, data: bytes) -> None:
         if self.tracker is None:

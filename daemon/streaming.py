@@ -38,6 +38,8 @@ class _Stream:
     socket: Path
     recorder: ProfileRecorder
     label: str  # name:version, the metrics' template label
+    # Chunks in the profile the tracker already has: a shorter recording does not replace it.
+    known_chunks: int = 0
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
@@ -66,11 +68,15 @@ class TemplateStreams:
         stream = self._streams.get(template_id)
         return None if stream is None else stream.socket
 
-    async def export(self, download: TemplateDownload) -> Path:
-        """Serve `download` over NBD (once per template); the socket's path."""
+    async def export(self, download: TemplateDownload, *, known_chunks: int = 0) -> Path:
+        """Serve `download` over NBD (once per template); the socket's path.
+
+        `known_chunks`: the length of the profile the tracker has for it (0: none).
+        """
         template_id = download.template_id
         stream = self._streams.get(template_id)
         if stream is not None:
+            stream.known_chunks = max(stream.known_chunks, known_chunks)
             return stream.socket
         self.directory.mkdir(parents=True, exist_ok=True)
         # qemu runs as another user and must reach the socket.
@@ -85,7 +91,7 @@ class TemplateStreams:
             on_first_read=recorder.read,
         )
         label = f"{download.manifest.name}:{download.manifest.version}"
-        stream = _Stream(export, socket, recorder, label)
+        stream = _Stream(export, socket, recorder, label, known_chunks)
         self._streams[template_id] = stream
         try:
             await self._nursery.start(self._serve, stream)
@@ -110,6 +116,15 @@ class TemplateStreams:
         while not download.complete:
             await download.changed()
         if self._upload_profile is None or not len(stream.recorder):
+            return
+        if len(stream.recorder) < stream.known_chunks:
+            # The image came before the boot read much (a fast link): keep the fuller profile.
+            log.info(
+                "keeping the tracker's prefetch profile of %s (%d chunks; this boot read %d)",
+                download.manifest.name,
+                stream.known_chunks,
+                len(stream.recorder),
+            )
             return
         profile = stream.recorder.profile(download.template_id)
         try:

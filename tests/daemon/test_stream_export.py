@@ -11,11 +11,21 @@ from typer.testing import CliRunner
 from vmswarm.daemon.download_source import DownloadSource
 from vmswarm.daemon.imagestore import ImageStore
 from vmswarm.daemon.nbd_export import NbdExport
+from vmswarm.daemon.streaming import TemplateStreams
 from vmswarm.daemon.template_sources import HostTemplate
 from vmswarm.swarm.messages import Role
+from vmswarm.swarm.prefetch import decode_profile
 
 from .daemon_cli import capture_node_configs
-from .test_download import CHUNK, center_store, make_image, seeding, start_download
+from .test_download import (
+    CHUNK,
+    center_store,
+    host_store,
+    make_image,
+    seeding,
+    start_download,
+    until,
+)
 from .test_nbd_export import qemu_io
 
 PATTERN = "DDDD0DDD"
@@ -68,3 +78,36 @@ def test_the_nbd_read_timeout_comes_from_the_settings(
     monkeypatch.setenv("VMSWARM_DAEMON_NBD_READ_TIMEOUT", "0.1")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "nbd_read_timeout" in result.output
+
+
+@pytest.mark.parametrize(("known", "stored"), [(0, True), (5, False)])
+async def test_a_boot_profile_is_stored_unless_the_tracker_has_a_fuller_one(
+    tmp_path: Path, qemu: None, known: int, stored: bool
+) -> None:
+    data, manifest = make_image(PATTERN, seed=22)
+    uploads: list[tuple[bytes, bytes]] = []
+
+    async def upload(template_id: bytes, profile: bytes) -> None:
+        uploads.append((template_id, profile))
+
+    async with trio.open_nursery() as nursery:
+        seed = host_store(tmp_path / "seed", data, manifest, range(manifest.chunk_count))
+        async with seeding(nursery, seed) as source:
+            target = HostTemplate(ImageStore(tmp_path / "host", manifest))
+            download = await start_download(nursery, target, [])
+            streams = TemplateStreams(tmp_path / "nbd", nursery, upload_profile=upload)
+            socket = await streams.export(download, known_chunks=known)
+            await download.add_sources([source.address])
+            code, out = await qemu_io(socket, f"read {3 * CHUNK} 512")  # the boot reads chunk 3
+            assert code == 0, out
+            with trio.fail_after(20):
+                await download.wait_done()
+                await until(lambda: bool(uploads) or streams.status()[0]["profile_chunks"] > 0)
+                await trio.sleep(0.2)  # the upload follows completion at once, if it comes
+            if stored:
+                [(template_id, raw)] = uploads
+                profile = decode_profile(raw, manifest)
+                assert template_id == manifest.template_id and 3 in profile.order
+            else:
+                assert uploads == []
+            nursery.cancel_scope.cancel()
