@@ -623,9 +623,10 @@ class TemplateDownload:
         self._unavailable_since = None
         await self._send.send((None, _Retry()))
 
-    async def changed(self) -> None:
-        """Return at the next change of this download's state."""
-        await self._changed.wait()
+    async def wait_verified(self) -> None:
+        """Return once the whole template is here and verified; failures are waited out."""
+        while not self.complete:
+            await self._changed.wait()
 
     async def wait_done(
         self,

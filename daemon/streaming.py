@@ -113,8 +113,7 @@ class TemplateStreams:
 
     async def _profile_when_complete(self, download: TemplateDownload, stream: _Stream) -> None:
         """The boot order seen until the image is whole is the template's prefetch profile."""
-        while not download.complete:
-            await download.changed()
+        await download.wait_verified()
         if self._upload_profile is None or not len(stream.recorder):
             return
         if len(stream.recorder) < stream.known_chunks:

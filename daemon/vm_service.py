@@ -206,8 +206,7 @@ class NodeTemplates:
 
     async def wait_complete(self, template_id: bytes) -> Path:
         download = self._node.templates[template_id]
-        while not download.complete:
-            await download.changed()
+        await download.wait_verified()
         return _ready(download, template_id).path
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, ends_stream
 from .framing import (
     MAX_CHUNK_SIZE,
     PEER_CODEC,
@@ -180,11 +180,7 @@ class Connection:
 
     def receive_data(self, data: bytes | bytearray | memoryview, *, now: float) -> None:
         """Buffer bytes from the peer; b"" means the peer closed its end."""
-        if self._eof:
-            if data:
-                raise LocalProtocolError("received data after end of stream")
-            return
-        if not data:
+        if ends_stream(self._eof, data):
             self._eof = True
             return
         self.last_received_at = now

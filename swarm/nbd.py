@@ -14,7 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import Literal
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, ends_stream
 
 NBDMAGIC = 0x4E42444D41474943  # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054  # "IHAVEOPT"
@@ -256,11 +256,7 @@ class NbdServer:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the client; b"" means it closed its end."""
-        if self._eof:
-            if data:
-                raise LocalProtocolError("received data after end of stream")
-            return
-        if not data:
+        if ends_stream(self._eof, data):
             self._eof = True
             return
         if self._phase is Phase.CLOSED:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar, Literal, Self
 
-from .errors import LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError, ends_stream
 from .framing import FrameReader, MessageCodec, frame_parts
 from .messages import PEER_MESSAGES, ControlMessage, Goodbye, KeepAlive, Message
 
@@ -219,11 +219,7 @@ class RpcConnection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Buffer bytes from the other side; b"" means it closed its end."""
-        if self._eof:
-            if data:
-                raise LocalProtocolError("received data after end of stream")
-            return
-        if not data:
+        if ends_stream(self._eof, data):
             self._eof = True
             return
         self._reader.feed(data)
