@@ -777,6 +777,8 @@ class Node:
             "bytes_from_centers": 0 if already_here else final.bytes_from_centers,
             "bytes_from_peers": 0 if already_here else final.bytes_from_peers,
             "sources": 0 if already_here else final.sources,
+            # Chunks that arrived twice (endgame, cancelled too late) or unasked: link bytes lost.
+            "wasted_bytes": 0 if already_here else download.wasted_bytes,
         }
 
     async def _open_by_name(self, name: str, version: str | None, label: str) -> TemplateDownload:

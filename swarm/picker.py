@@ -29,6 +29,11 @@ class PickerConfig:
     random_first: int = 4
     pipeline_depth: int = 4
     endgame_duplicates: int = 2
+    # Outstanding requests below which a peer gets endgame duplicates.
+    endgame_depth: int = 1
+    # Seconds a request must have been out before the endgame duplicates it: a copy that
+    # arrives anyway costs a whole chunk of the link, right when the last ones come.
+    endgame_grace: float = 0.0
     deadline_duplicates: int = 2
     # Requests a peer may have beyond its pipeline for chunks a booting VM waits on.
     deadline_extra: int = 1
@@ -40,6 +45,8 @@ class PickerConfig:
             raise ValueError(f"random_first must be >= 0, got {self.random_first}")
         if self.pipeline_depth < 1:
             raise ValueError(f"pipeline_depth must be >= 1, got {self.pipeline_depth}")
+        if self.endgame_depth < 1:
+            raise ValueError(f"endgame_depth must be >= 1, got {self.endgame_depth}")
         if self.endgame_duplicates < 1:
             raise ValueError(f"endgame_duplicates must be >= 1, got {self.endgame_duplicates}")
         if self.deadline_extra < 0:
@@ -48,6 +55,8 @@ class PickerConfig:
             raise ValueError(f"deadline_duplicates must be >= 1, got {self.deadline_duplicates}")
         if self.timeout_base < 0:
             raise ValueError(f"timeout_base must be >= 0, got {self.timeout_base}")
+        if self.endgame_grace < 0:
+            raise ValueError(f"endgame_grace must be >= 0, got {self.endgame_grace}")
         if self.min_rate_bytes_per_s <= 0:
             raise ValueError(f"min_rate_bytes_per_s must be > 0, got {self.min_rate_bytes_per_s}")
 
@@ -111,6 +120,9 @@ class Picker:
         self._peers: dict[PeerKey, _Peer] = {}
         self._banned: set[PeerKey] = set()
         self._requesters: dict[int, dict[PeerKey, None]] = {}
+        # When each requested chunk was first asked for (while any request for it is out).
+        self._asked_at: dict[int, float] = {}
+        self._endgame_grace = self._config.endgame_grace
         self._outstanding_total = 0
         self._expiries: list[tuple[float, int, int, PeerKey]] = []
         self._seq = 0
@@ -196,7 +208,10 @@ class Picker:
         if len(picked) < room:
             self._pick_fresh(peer, state, now, room, picked)
         if len(picked) < room and self.in_endgame:
-            self._pick_endgame(peer, state, now, room, picked)
+            # A duplicate costs a whole chunk of the link: only peers short of requests get one.
+            spare = self._config.endgame_depth - len(state.outstanding)
+            if spare > 0:
+                self._pick_endgame(peer, state, now, min(room, len(picked) + spare), picked)
         return picked
 
     def _pick_deadlines(
@@ -273,12 +288,15 @@ class Picker:
         self, peer: PeerKey, state: _Peer, now: float, room: int, picked: list[int]
     ) -> None:
         limit = self._config.endgame_duplicates
+        grace = self._endgame_grace
         options: list[tuple[int, float, int]] = []
         for index in bit_indices(self._missing & state.has):
             if index in state.outstanding:
                 continue
             holders = self._requesters.get(index)
             count = len(holders) if holders else 0
+            if count and now - self._asked_at[index] < grace:
+                continue
             if count < limit:
                 options.append((count, self._rng.random(), index))
         options.sort()
@@ -353,6 +371,12 @@ class Picker:
                 return expires_at
             heapq.heappop(heap)
         return None
+
+    def set_endgame_grace(self, seconds: float) -> None:
+        """How long a request must have been out before the endgame may duplicate it."""
+        if seconds < 0:
+            raise ValueError(f"endgame grace must be >= 0, got {seconds}")
+        self._endgame_grace = seconds
 
     def set_deadline(self, index: int, deadline: float) -> None:
         """A booting VM needs `index` by `deadline`: it jumps the queue."""
@@ -445,6 +469,7 @@ class Picker:
         )
         state.outstanding[index] = expires_at
         self._requesters.setdefault(index, {})[peer] = None
+        self._asked_at.setdefault(index, now)
         self._free &= ~(1 << index)
         self._outstanding_total += 1
         self._seq += 1
@@ -458,6 +483,7 @@ class Picker:
         del holders[peer]
         if not holders:
             del self._requesters[index]
+            del self._asked_at[index]
             self._free |= self._missing & (1 << index)
 
     def _forget(self, state: _Peer, index: int) -> None:

@@ -24,6 +24,7 @@ COLUMNS = [
     "ratio",
     "center_MiB_sent",
     "host_MiB_from_peers",
+    "host_MiB_wasted",
     "center_cpu_s",
     "host_cpu_s",
     "max_host_cpu_s",
@@ -38,6 +39,7 @@ def row(result: RunResult) -> dict[str, Any]:
     centers = [n for n in result.nodes if n.role == "center"]
     hosts = result.host_figures
     from_peers = [h.bytes_from_peers for h in hosts if h.bytes_from_peers is not None]
+    wasted = [h.wasted_bytes for h in hosts if h.wasted_bytes is not None]
     return {
         "scenario": result.scenario,
         "N": result.hosts,
@@ -47,6 +49,7 @@ def row(result: RunResult) -> dict[str, Any]:
         "ratio": round(result.slowest / result.t_min, 3),
         "center_MiB_sent": round(result.center_bytes_sent / MIB, 1),
         "host_MiB_from_peers": round(sum(from_peers) / MIB, 1) if from_peers else "-",
+        "host_MiB_wasted": round(sum(wasted) / MIB, 1) if wasted else "-",
         "center_cpu_s": round(sum(n.cpu_seconds for n in centers), 2),
         "host_cpu_s": round(sum(h.cpu_seconds for h in hosts), 2),
         "max_host_cpu_s": round(max(h.cpu_seconds for h in hosts), 2),

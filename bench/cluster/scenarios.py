@@ -194,6 +194,7 @@ class HostFigure:
     cpu_seconds: float
     bytes_from_centers: int | None = None
     bytes_from_peers: int | None = None
+    wasted_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -554,6 +555,7 @@ def _run_vmswarm(
                 cpu_seconds=round(meter.cpu(name), 3),
                 bytes_from_centers=int(reply["bytes_from_centers"]),
                 bytes_from_peers=int(reply["bytes_from_peers"]),
+                wasted_bytes=int(reply["wasted_bytes"]),
             )
         )
     phases.mark("verify")

@@ -117,11 +117,13 @@ async def test_publish_then_fetch_through_the_control_socket(tmp_path: Path) -> 
         assert result["bytes_from_centers"] == real * CHUNK
         assert result["bytes_from_peers"] == 0
         assert result["sources"] == 1
+        assert result["wasted_bytes"] == 0  # one source: nothing can arrive twice
 
         # Already complete: answered at once, nothing moves.
         second = await call_control(tmp_path / "host.sock", "fetch", {"name": "tmpl"})
         assert second["path"] == result["path"]
         assert second["bytes_from_centers"] == second["bytes_from_peers"] == 0
+        assert second["wasted_bytes"] == 0
 
         status = await call_control(tmp_path / "host.sock", "status", {})
         assert status["role"] == "host"

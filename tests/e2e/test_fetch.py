@@ -89,7 +89,9 @@ def test_hosts_fetch_at_once_and_get_identical_images(
             "bytes_from_centers",
             "bytes_from_peers",
             "sources",
+            "wasted_bytes",
         }
+        assert result["wasted_bytes"] >= 0
         assert 0 < result["chunks_seconds"] <= result["seconds"]
         assert result["size"] == IMAGE_SIZE
         assert blake3.blake3(Path(result["path"]).read_bytes()).hexdigest() == digest

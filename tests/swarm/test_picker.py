@@ -192,7 +192,8 @@ def test_peer_with_nothing_we_need_gets_nothing() -> None:
 
 
 def test_endgame_duplicates_and_cancels() -> None:
-    picker = make("000", config=PickerConfig(random_first=0, endgame_duplicates=2))
+    config = PickerConfig(random_first=0, endgame_duplicates=2, endgame_depth=4)
+    picker = make("000", config=config)
     a, b, c = (peer(picker, "111", key) for key in "abc")
     assert sorted(picker.pick(a, 0.0, limit=4)) == [0, 1, 2]
     assert picker.in_endgame
@@ -207,7 +208,9 @@ def test_endgame_duplicates_and_cancels() -> None:
 
 
 def test_endgame_prefers_least_duplicated_chunks() -> None:
-    picker = make("0000", config=PickerConfig(random_first=0, endgame_duplicates=3))
+    picker = make(
+        "0000", config=PickerConfig(random_first=0, endgame_duplicates=3, endgame_depth=2)
+    )
     a = peer(picker, "1100", "a")
     b = peer(picker, "0011", "b")
     c = peer(picker, "1111", "c")
@@ -220,6 +223,46 @@ def test_endgame_prefers_least_duplicated_chunks() -> None:
     assert not set(picked) & set(picker.outstanding(c))
 
 
+def test_endgame_duplicates_go_only_to_peers_short_of_requests() -> None:
+    picker = make("0000", config=PickerConfig(random_first=0, endgame_depth=1))
+    a = peer(picker, "1100", "a")
+    b = peer(picker, "0011", "b")
+    c = peer(picker, "1111", "c")
+    assert sorted(picker.pick(a, 0.0) + picker.pick(b, 0.0)) == [0, 1, 2, 3]
+    # An idle peer gets one duplicate, not a full pipeline of them.
+    assert len(picker.pick(c, 0.0, limit=4)) == 1
+    assert picker.pick(c, 0.0, limit=4) == []
+    # a still waits on two chunks: no duplicates for it.
+    assert picker.pick(a, 0.0, limit=4) == []
+
+
+def test_endgame_waits_for_the_grace_before_duplicating() -> None:
+    picker = make("00", config=PickerConfig(random_first=0, endgame_grace=2.0))
+    a = peer(picker, "11", "a")
+    assert sorted(picker.pick(a, 10.0)) == [0, 1]
+    b = peer(picker, "11", "b")
+    assert picker.in_endgame
+    assert picker.pick(b, 11.9) == []
+    assert len(picker.pick(b, 12.0)) == 1
+    picker.set_endgame_grace(0.5)
+    assert picker.pick(peer(picker, "11", "c"), 12.0) != []
+    with pytest.raises(ValueError):
+        picker.set_endgame_grace(-1.0)
+
+
+def test_the_grace_counts_from_the_first_request() -> None:
+    picker = make("0", config=PickerConfig(random_first=0, endgame_grace=1.0))
+    a = peer(picker, "1", "a")
+    b = peer(picker, "1", "b")
+    assert picker.pick(a, 0.0) == [0]
+    picker.failed(a, 0)
+    # Released and asked again from b at 5.0: the clock restarts there.
+    assert picker.pick(b, 5.0) == [0]
+    c = peer(picker, "1", "c")
+    assert picker.pick(c, 5.5) == []
+    assert picker.pick(c, 6.0) == [0]
+
+
 def test_no_endgame_while_a_sourced_chunk_is_unrequested() -> None:
     picker = make("0000")
     a = peer(picker, "1100", "a")
@@ -230,7 +273,7 @@ def test_no_endgame_while_a_sourced_chunk_is_unrequested() -> None:
 
 
 def test_unsourced_chunks_do_not_block_endgame() -> None:
-    picker = make("0000")
+    picker = make("0000", config=PickerConfig(endgame_depth=4))
     a = peer(picker, "1110", "a")
     b = peer(picker, "1110", "b")
     picker.pick(a, 0.0)
@@ -779,3 +822,12 @@ def test_rarity_follows_have_messages_and_departures() -> None:
     picker.remove_peer("bg0")
     # bg1 and p hold chunks 0, 1 and 2; only p holds chunk 3.
     assert [picker.availability(i) for i in range(4)] == [2, 2, 2, 1]
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("endgame_depth", 0), ("endgame_grace", -0.1), ("endgame_duplicates", 0)],
+)
+def test_config_refuses_bad_endgame_settings(field: str, value: float) -> None:
+    with pytest.raises(ValueError, match=field):
+        PickerConfig(**{field: value})  # type: ignore[arg-type]

@@ -80,7 +80,7 @@ def test_out_of_range_order_is_refused() -> None:
 
 
 def test_endgame_is_unchanged() -> None:
-    picker = make("11")
+    picker = make("11", config=PickerConfig(endgame_depth=2))
     a = peer(picker, "11", "a")
     b = peer(picker, "11", "b")
     picker.set_preferred([1, 0])
