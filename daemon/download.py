@@ -85,6 +85,9 @@ class DownloadConfig:
     # A reader waiting on chunk k will likely want k+1.. next (a boot loads files in order):
     # these many chunks after it are asked for right behind it.
     urgent_readahead: int = 2
+    # Until this many chunks are here, the centers get one request at a time in all: at the
+    # start they serve every host at once, so a single chunk arrives whole (tradable) sooner.
+    start_chunks: int = 1
     # The endgame duplicates a request once it is this many typical chunk latencies old.
     endgame_latencies: float = 2.0
     picker: PickerConfig | None = None
@@ -326,6 +329,7 @@ class TemplateDownload:
         self._find_peers = find_peers
         self._budget = budget
         self._rng = rng or random.Random()
+        self._start_center = self._rng.randrange(1 << 30)
         self._depth = self.config.pipeline_depth(self.manifest.chunk_size)
         self._lengths = [self.manifest.chunk_range(i)[1] for i in range(self.manifest.chunk_count)]
         self._want_all = want is None and want_all
@@ -468,6 +472,7 @@ class TemplateDownload:
                     "bytes_in": p.link.bytes_in,
                     "bytes_out": p.link.bytes_out,
                     "chunks_from": p.chunks,
+                    "requests": len(self._picker.outstanding(pid)),
                     "percent": round(
                         100.0 * len(p.link.their_bitfield) / max(len(self._lengths), 1), 2
                     ),
@@ -1158,6 +1163,12 @@ class TemplateDownload:
             # With other hosts to trade with, centers are kept for what only they can give.
             depth = self.config.center_depth_when_sharing
         limit = depth + peer.verifying
+        if peer.link.role is Role.STORAGE and self._picker.held < self.config.start_chunks:
+            centers = sorted(p for p, c in self._peers.items() if c.link.role is Role.STORAGE)
+            # Each host its own center (by chance), or all would queue at the first to link.
+            if self._center_requests() or pid != centers[self._start_center % len(centers)]:
+                return
+            limit = 1
         picked = self._picker.pick(pid, now, limit=limit)
         if not picked and not self._picker.outstanding(pid) and self._masked.get(pid):
             # A center with nothing unique left would idle: lend it chunks hosts hold too.
@@ -1168,6 +1179,13 @@ class TemplateDownload:
             peer.link.post(Request(index))
         if self._fetch_began is None and self._requested_at:
             self._fetch_began = now
+
+    def _center_requests(self) -> int:
+        return sum(
+            len(self._picker.outstanding(p))
+            for p, peer in self._peers.items()
+            if peer.link.role is Role.STORAGE
+        )
 
     @property
     def _host_links(self) -> int:

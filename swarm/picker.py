@@ -418,6 +418,11 @@ class Picker:
         return self._missing.bit_count()
 
     @property
+    def held(self) -> int:
+        """Chunks held here, all-zero ones not counted."""
+        return self._had_real
+
+    @property
     def in_endgame(self) -> bool:
         """Every missing chunk some usable peer holds is already requested."""
         return (

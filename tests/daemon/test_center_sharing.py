@@ -16,6 +16,7 @@ from .test_download import (
     CHUNK,
     FAST,
     center_store,
+    finder,
     host_store,
     make_image,
     peer,
@@ -94,3 +95,36 @@ async def test_a_chunk_only_one_host_holds_is_still_asked_of_a_center(tmp_path: 
     # The second half only the center has; of the first half it takes a share too.
     assert progress.bytes_from_centers > (n // 2) * CHUNK
     assert progress.bytes_from_centers + progress.bytes_from_peers == n * CHUNK
+
+
+async def test_until_its_first_chunk_a_host_asks_one_center_at_a_time(tmp_path: Path) -> None:
+    data, manifest = make_image("D" * 8, seed=8)
+    n = manifest.chunk_count
+    # Slow centers: the first chunk takes a while, long enough to watch the requests.
+    limit = RateLimiter(CHUNK / 2)
+    async with trio.open_nursery() as nursery:
+        stores = [center_store(tmp_path / f"c{i}", data, manifest, list(range(n))) for i in "123"]
+        async with (
+            seeding(nursery, stores[0], Role.STORAGE, upload_limit=limit) as c1,
+            seeding(nursery, stores[1], Role.STORAGE, upload_limit=limit) as c2,
+            seeding(nursery, stores[2], Role.STORAGE, upload_limit=limit) as c3,
+        ):
+            target = HostTemplate(ImageStore(tmp_path / "leech", manifest))
+            download = TemplateDownload(
+                target,
+                peer(),
+                upload_slots=trio.Semaphore(4),
+                find_peers=finder([c1.address, c2.address, c3.address]),
+                config=FAST,
+            )
+            await nursery.start(download.run)
+            most = 0
+            with trio.fail_after(30):
+                while download.progress().done_bytes == 0:
+                    peers = download.status()["peers"]
+                    most = max(most, sum(p["requests"] for p in peers))
+                    await trio.sleep(0.01)
+                # Afterwards every center gets requests again.
+                await until(lambda: all(p["requests"] for p in download.status()["peers"]))
+            assert most == 1
+            nursery.cancel_scope.cancel()
