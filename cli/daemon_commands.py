@@ -210,6 +210,7 @@ def fetch(
             "bytes_from_centers",
             "bytes_from_peers",
             "sources",
+            "wasted_bytes",
         )
     }
     if json_output:

@@ -1026,8 +1026,11 @@ class TemplateDownload:
 
     def _on_tick(self) -> None:
         now = trio.current_time()
+        timed_out = []
         for pid, index in self._picker.expired(now):
             self.timeouts += 1
+            # Its latency counts from the next request: a timeout must not stretch the grace.
+            self._requested_at.pop(index, None)
             peer = self._peers.get(pid) if isinstance(pid, bytes) else None
             if peer is not None:
                 peer.timeouts += 1
@@ -1040,6 +1043,14 @@ class TemplateDownload:
                 )
                 if peer.link.role is Role.HOST:
                     self._unmask([index])  # a slow host: let the centers have a go too
+                self._picker.rejected(pid, index)
+                timed_out.append((peer, index))
+        if timed_out:
+            # Other holders get the first chance; the slow peer only when no one else has it.
+            self._fill_all()
+            for peer, index in timed_out:
+                if self._current(peer.link) is not None and index in peer.link.their_bitfield:
+                    self._picker.peer_has(peer.link.peer_id, index)
         if self._lost:
             lost, self._lost = self._lost, set()
             log.warning("chunks %s became unreadable here; fetching them again", sorted(lost))
