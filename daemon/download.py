@@ -76,10 +76,13 @@ class DownloadConfig:
     max_queued_requests: int = MAX_QUEUED_REQUESTS
     # Linked hosts from which on each center gets only this many requests at a time.
     share_hosts: int = 2
-    center_depth_when_sharing: int = 2
+    center_depth_when_sharing: int = 1
     # A center is spared a chunk only once this many linked hosts hold it: one holder alone
     # cannot serve everyone who wants it (bench.cluster N=6: 1.13 -> 1.08).
     share_copies: int = 2
+    # Past this share of the bytes an idle center is lent chunks hosts hold (the last ones
+    # otherwise wait on busy hosts); before it, hosts trade them among themselves.
+    center_help_after: float = 0.75
     # A chunk a reader waits on gets a second source when the first has not sent it by then.
     urgent_grace: float = 1.0
     # A reader waiting on chunk k will likely want k+1.. next (a boot loads files in order):
@@ -1181,8 +1184,10 @@ class TemplateDownload:
                 return
             limit = 1
         picked = self._picker.pick(pid, now, limit=limit)
-        if not picked and not self._picker.outstanding(pid) and self._masked.get(pid):
-            # A center with nothing unique left would idle: lend it chunks hosts hold too.
+        late = self._done_bytes >= self.config.center_help_after * self._total_bytes
+        if late and not picked and not self._picker.outstanding(pid) and self._masked.get(pid):
+            # Near the end a center with nothing unique left would idle: lend it chunks hosts
+            # hold too (earlier the hosts trade them, which is what spares the centers).
             self._unmask_for(pid, depth)
             picked = self._picker.pick(pid, now, limit=limit)
         for index in picked:

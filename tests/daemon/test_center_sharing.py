@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import trio
-from vmswarm.daemon.download import PeerAddress, PeerFinder, TemplateDownload
+from vmswarm.daemon.download import DownloadConfig, PeerAddress, PeerFinder, TemplateDownload
 from vmswarm.daemon.imagestore import ImageStore
 from vmswarm.daemon.ratelimit import RateLimiter
 from vmswarm.daemon.template_sources import HostTemplate
@@ -35,7 +36,10 @@ def hosts_first(hosts: list[PeerAddress], center: PeerAddress, links: list[int])
 
 
 async def fetch_with_center_last(
-    tmp_path: Path, hosts_hold: list[list[int]], slow_hosts: bool
+    tmp_path: Path,
+    hosts_hold: list[list[int]],
+    slow_hosts: bool,
+    config: DownloadConfig = FAST,
 ) -> tuple[TemplateDownload, int]:
     """A leech linked to two hosts holding `hosts_hold`, then to a center holding everything.
 
@@ -61,7 +65,7 @@ async def fetch_with_center_last(
                 peer(),
                 upload_slots=trio.Semaphore(4),
                 find_peers=hosts_first([sa.address, sb.address], sc.address, links),
-                config=FAST,
+                config=config,
             )
             await nursery.start(download.run)
 
@@ -80,12 +84,23 @@ async def test_a_center_is_not_left_idle_while_slow_hosts_hold_everything(
     tmp_path: Path,
 ) -> None:
     everything = list(range(16))
-    download, n = await fetch_with_center_last(tmp_path, [everything, everything], True)
+    # Lent chunks from the start (by default only past 75% of the bytes, so hosts trade first).
+    at_once = replace(FAST, center_help_after=0.0)
+    download, n = await fetch_with_center_last(tmp_path, [everything, everything], True, at_once)
     progress = download.progress()
     # Two hosts hold every chunk, so the center is spared them all at first; once it has
     # nothing else to do it gets them back and serves most of what the slow hosts cannot.
     assert progress.bytes_from_centers >= (n // 2) * CHUNK
     assert progress.bytes_from_centers + progress.bytes_from_peers == n * CHUNK
+
+
+async def test_before_the_tail_hosts_holding_a_chunk_serve_it(tmp_path: Path) -> None:
+    everything = list(range(16))
+    download, n = await fetch_with_center_last(tmp_path / "x", [everything, everything], True)
+    progress = download.progress()
+    # By default the idle center is lent chunks only for the last quarter of the bytes.
+    assert progress.bytes_from_centers <= (n // 4) * CHUNK + CHUNK
+    assert progress.bytes_from_peers >= (3 * n // 4 - 1) * CHUNK
 
 
 async def test_a_chunk_only_one_host_holds_is_still_asked_of_a_center(tmp_path: Path) -> None:
