@@ -1177,10 +1177,23 @@ class TemplateDownload:
             # With other hosts to trade with, centers are kept for what only they can give.
             depth = self.config.center_depth_when_sharing
         limit = depth + peer.verifying
-        if peer.link.role is Role.STORAGE and self._picker.held < self.config.start_chunks:
-            centers = sorted(p for p, c in self._peers.items() if c.link.role is Role.STORAGE)
+        if (
+            peer.link.role is Role.STORAGE
+            and self._want_all
+            and self._picker.held < self.config.start_chunks
+        ):
+            # Only centers holding something wanted count: one holding nothing would stall it.
+            centers = sorted(
+                p
+                for p, c in self._peers.items()
+                if c.link.role is Role.STORAGE and self._picker.has_wanted(p)
+            )
             # Each host its own center (by chance), or all would queue at the first to link.
-            if self._center_requests() or pid != centers[self._start_center % len(centers)]:
+            if (
+                self._center_requests()
+                or pid not in centers
+                or pid != centers[self._start_center % len(centers)]
+            ):
                 return
             limit = 1
         picked = self._picker.pick(pid, now, limit=limit)

@@ -417,6 +417,11 @@ class Picker:
     def missing_count(self) -> int:
         return self._missing.bit_count()
 
+    def has_wanted(self, peer: PeerKey) -> bool:
+        """Does `peer` hold a chunk still missing here (and may be asked for it)?"""
+        state = self._peers.get(peer)
+        return state is not None and peer not in self._banned and bool(state.has & self._missing)
+
     @property
     def held(self) -> int:
         """Chunks held here, all-zero ones not counted."""

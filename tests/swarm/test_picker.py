@@ -831,3 +831,14 @@ def test_rarity_follows_have_messages_and_departures() -> None:
 def test_config_refuses_bad_endgame_settings(field: str, value: float) -> None:
     with pytest.raises(ValueError, match=field):
         PickerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_has_wanted_says_whether_a_peer_holds_a_missing_chunk() -> None:
+    picker = make("0000", have="1100")
+    a = peer(picker, "1100", "a")
+    b = peer(picker, "0010", "b")
+    assert not picker.has_wanted(a)
+    assert picker.has_wanted(b)
+    assert not picker.has_wanted("nobody")
+    picker.ban(b)
+    assert not picker.has_wanted(b)
