@@ -1145,8 +1145,8 @@ class TemplateDownload:
     def _unmask_for(self, pid: bytes, count: int) -> None:
         """Give one center back `count` hidden chunks, those fewest linked hosts hold first."""
         masked = self._masked[pid]
-        missing = [i for i in masked if self._picker.is_missing(i)]
-        masked.difference_update([i for i in masked if not self._picker.is_missing(i)])
+        masked.intersection_update([i for i in masked if self._picker.is_missing(i)])
+        missing = list(masked)  # chunks held since they were hidden need no giving back
         free = [i for i in missing if not self._picker.requesters(i)]
         free.sort(key=self._host_copies)
         # None free: all are on their way from hosts; the endgame may then ask the center too.
