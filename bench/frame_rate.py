@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 from vmswarm.swarm.connection import NEED_DATA, Connection
-from vmswarm.swarm.messages import Chunk, Handshake, Have, Role
+from vmswarm.swarm.messages import PROTOCOL_VERSION, Chunk, Handshake, Have, Role
 
 from bench.report import emit
 
@@ -38,7 +38,7 @@ def _linked_pair(
     """A storage sender and a host receiver, past the handshake."""
     sender = Connection(Role.STORAGE, chunk_count=chunk_count)
     receiver = Connection(Role.HOST, chunk_count=chunk_count, allocate=allocate)
-    hello = Handshake(1, TEMPLATE, b"S" * 16, None, Role.STORAGE)
+    hello = Handshake(PROTOCOL_VERSION, TEMPLATE, b"S" * 16, None, Role.STORAGE)
     receiver.receive_data(sender.send(hello, now=0.0), now=0.0)
     assert receiver.next_event() == hello
     return sender, receiver

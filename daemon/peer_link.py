@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -24,7 +24,7 @@ import trio
 from ..swarm.bitfield import Bitfield as ChunkSet
 from ..swarm.connection import NEED_DATA, Connection, ConnectionClosed, Sentinel
 from ..swarm.errors import LocalProtocolError, RemoteProtocolError
-from ..swarm.framing import MAX_CHUNK_SIZE
+from ..swarm.framing import MAX_CHUNK_SIZE, MIN_CHUNK_PART
 from ..swarm.messages import (
     PROTOCOL_VERSION,
     Bitfield,
@@ -53,6 +53,9 @@ RECEIVE_SIZE = 1 << 16
 PAYLOAD_LOW_WATER = 256 << 10
 # Over a wrapped stream (TLS): take all a refill decrypted, not a socket-sized slice of it.
 STREAM_RECEIVE_SIZE = 1 << 20
+# A chunk goes out in parts of this size; a Request or Have waits behind at most one of them
+# (at a 12 Mbit/s fair share, 0.17 s) instead of behind a whole chunk upload.
+CHUNK_PART_SIZE = 256 << 10
 HANDSHAKE_TIMEOUT = 10.0
 KEEPALIVE_INTERVAL = 30.0
 IDLE_TIMEOUT = 120.0
@@ -61,6 +64,9 @@ IDLE_TIMEOUT = 120.0
 MAX_JUNK_PER_PERIOD = 1000
 # How long a closing link may spend flushing its Goodbye to a peer that does not read.
 CLOSE_GRACE = 2.0
+
+# Linux's TCP_NOTSENT_LOWAT (socket module exports it only on some builds).
+TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
@@ -105,6 +111,7 @@ class LinkOptions:
     # Bytes per second to and from this one peer; 0 is unlimited (and costs nothing).
     upload_limit: float = 0.0
     download_limit: float = 0.0
+    chunk_part_size: int = CHUNK_PART_SIZE
 
 
 @dataclass(frozen=True)
@@ -234,12 +241,19 @@ class PeerLink:
         self._pending = list(pending or [])
         self._receive_size = options.receive_size
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._part_size = max(options.chunk_part_size, MIN_CHUNK_PART)
+        if self._socket is not None:
+            # Unsent bytes the kernel queues ahead of our next control frame: about one part.
+            with contextlib.suppress(OSError):
+                self._socket.setsockopt(socket.IPPROTO_TCP, TCP_NOTSENT_LOWAT, self._part_size)
         self._receive_buffer = bytearray(self._receive_size if self._socket is not None else 0)
         self._receive_view = memoryview(self._receive_buffer)
         self._low_water = 1  # the socket's SO_RCVLOWAT as we last set it
         self._keepalive_interval = options.keepalive_interval
         self._idle_timeout = options.idle_timeout
+        # Fair (FIFO) locks: the writer waiting for `_send_lock` gets it at the next part.
         self._send_lock = trio.Lock()
+        self._chunk_lock = trio.Lock()  # one chunk's parts at a time on this link
         self._outbox: deque[ControlMessage] = deque()
         self._outbox_ready = trio.Event()
         self._scope: trio.CancelScope | None = None
@@ -278,27 +292,44 @@ class PeerLink:
         self._outbox_ready.set()
 
     async def send_chunk(self, index: int, data: bytes | memoryview) -> bool:
-        """Send one chunk under the send lock; False if the link is closing."""
-        async with self._send_lock:
-            if self._closing:
-                return False
-            parts = self.conn.send_parts(Chunk(index, data), now=_now())
-            if self._socket is not None:
-                # Header and payload in one syscall: no lone 9-byte segment wakes the peer.
-                sent = await self._socket.sendmsg(parts)
-                self.bytes_out += sent
-                for part in parts:
-                    with memoryview(part) as view:
-                        if sent < len(view):
-                            await self.stream.send_all(view[sent:])
-                            self.bytes_out += len(view) - sent
-                        sent = max(sent - len(view), 0)
-            else:
-                for part in parts:
-                    await self.stream.send_all(part)
-                    self.bytes_out += len(part)
+        """Send one chunk, part by part; False if the link is closing.
+
+        Control messages queued meanwhile go out between the parts.
+        """
+        with memoryview(data) as view:
+            size = view.nbytes
+            async with self._chunk_lock:
+                for offset, length in self._parts(size):
+                    async with self._send_lock:
+                        if self._closing:
+                            return False
+                        header = self.conn.send_chunk_part_header(
+                            index, size, offset, length, now=_now()
+                        )
+                        await self._send_part(header, view[offset : offset + length])
         self.chunks_out += 1
         return True
+
+    def _parts(self, size: int) -> Iterator[tuple[int, int]]:
+        """(offset, length) of each part of a `size`-byte chunk, in order."""
+        # An empty chunk still yields one part, so that framing it raises as it should.
+        for offset in range(0, max(size, 1), self._part_size):
+            yield offset, min(self._part_size, size - offset)
+
+    async def _send_part(self, header: bytes, payload: memoryview) -> None:
+        if self._socket is None:
+            await self.stream.send_all(header)
+            await self.stream.send_all(payload)
+            self.bytes_out += len(header) + payload.nbytes
+            return
+        # Header and payload in one syscall: no lone header segment wakes the peer.
+        sent = await self._socket.sendmsg([header, payload])
+        self.bytes_out += sent
+        for part in (memoryview(header), payload):
+            if sent < part.nbytes:
+                await self.stream.send_all(part[sent:])
+                self.bytes_out += part.nbytes - sent
+            sent = max(sent - part.nbytes, 0)
 
     @property
     def can_send_files(self) -> bool:
@@ -308,44 +339,53 @@ class PeerLink:
     async def send_chunk_file(self, index: int, source: ChunkFile) -> bool:
         """Send one chunk straight from a file with sendfile: its bytes never enter Python.
 
-        False if the link is closing. The caller keeps `source` open until this returns.
+        Part by part, like `send_chunk`. False if the link is closing. The caller keeps `source`
+        open until this returns.
         """
         sock = self._socket
         if sock is None:
             raise RuntimeError("send_chunk_file needs a socket stream")
-        async with self._send_lock:
-            if self._closing:
-                return False
-            header = self.conn.send_chunk_header(index, source.length, now=_now())
-            # MSG_MORE: the 9-byte header leaves in the same segment as the payload's start.
-            try:
-                sent = await sock.send(header, socket.MSG_MORE)
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-            if sent < len(header):
-                await self.stream.send_all(header[sent:])
-            self.bytes_out += len(header)
-            offset, left = source.offset, source.length
-            fd = sock.fileno()
-            while left:
-                try:
-                    count = os.sendfile(fd, source.fd, offset, left)
-                except BlockingIOError:
-                    await trio.lowlevel.wait_writable(sock)
-                    continue
-                except OSError as exc:
-                    if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+        async with self._chunk_lock:
+            for offset, length in self._parts(source.length):
+                async with self._send_lock:
+                    if self._closing:
+                        return False
+                    header = self.conn.send_chunk_part_header(
+                        index, source.length, offset, length, now=_now()
+                    )
+                    # MSG_MORE: the header leaves in the same segment as the payload's start.
+                    try:
+                        sent = await sock.send(header, socket.MSG_MORE)
+                    except OSError as exc:
                         raise trio.BrokenResourceError(str(exc)) from exc
-                    raise
-                if count == 0:
-                    raise OSError(errno.EIO, f"chunk {index}: its file ended {left} bytes early")
-                offset += count
-                left -= count
-                self.bytes_out += count
-                # sendfile never yields to trio on its own; let the other tasks in now and then.
-                await trio.lowlevel.checkpoint()
+                    if sent < len(header):
+                        await self.stream.send_all(header[sent:])
+                    self.bytes_out += len(header)
+                    await self._sendfile(sock, index, source.fd, source.offset + offset, length)
         self.chunks_out += 1
         return True
+
+    async def _sendfile(
+        self, sock: trio.socket.SocketType, index: int, fd: int, offset: int, left: int
+    ) -> None:
+        out = sock.fileno()
+        while left:
+            try:
+                count = os.sendfile(out, fd, offset, left)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise trio.BrokenResourceError(str(exc)) from exc
+                raise
+            if count == 0:
+                raise OSError(errno.EIO, f"chunk {index}: its file ended {left} bytes early")
+            offset += count
+            left -= count
+            self.bytes_out += count
+            # sendfile never yields to trio on its own; let the other tasks in now and then.
+            await trio.lowlevel.checkpoint()
 
     def offend(self, offence: str, reason: str) -> None:
         """The peer misbehaved (`offence`, a ban reason): close the link and remember why."""

@@ -20,6 +20,7 @@ from .framing import (
     FrameWriter,
     MessageCodec,
     check_chunk_size,
+    chunk_part_header,
 )
 from .messages import (
     PROTOCOL_VERSION,
@@ -39,7 +40,7 @@ from .messages import (
 SUPPORTED_VERSIONS = frozenset({PROTOCOL_VERSION})
 
 
-# A stand-in payload for `send_chunk_header`; bytes(n) is calloc'd, so it costs no memory.
+# A stand-in payload for `send_chunk_part_header`; bytes(n) is calloc'd, so it costs no memory.
 _LENGTH_ONLY = memoryview(bytes(MAX_CHUNK_SIZE))
 
 
@@ -130,6 +131,8 @@ class Connection:
         self._their_error: RemoteProtocolError | None = None
         self._eof = False
         self._closed_reported = False
+        # The chunk we are sending in parts: (index, size, offset of its next part).
+        self._sending: tuple[int, int, int] | None = None
         self.last_received_at = now
         self.last_sent_at = now
 
@@ -252,7 +255,8 @@ class Connection:
             return message
         if not self._eof:
             return NEED_DATA
-        if self._reader.mid_frame:
+        # After a Goodbye, an unfinished chunk was abandoned on purpose; otherwise it is a cut.
+        if self._reader.mid_frame and self._their_state is not State.CLOSED:
             raise RemoteProtocolError(
                 f"peer closed the stream mid-frame, {self._reader.buffered} bytes pending"
             )
@@ -291,6 +295,14 @@ class Connection:
 
     def send_parts(self, message: Message, *, now: float) -> list[bytes | memoryview]:
         """Like `send`, but a chunk's header and payload stay separate buffers (no copy)."""
+        if isinstance(message, Chunk) and self._sending is not None:
+            raise LocalProtocolError(f"cannot send a chunk in the middle of {self._sending_text()}")
+        parts = self._record_send(message)
+        self.last_sent_at = now
+        return parts
+
+    def _record_send(self, message: Message) -> list[bytes | memoryview]:
+        """Check `message` against our state, move the state on, and frame it."""
         if self._our_state is State.ERROR:
             raise LocalProtocolError("cannot send: an earlier send broke the protocol")
         try:
@@ -312,19 +324,51 @@ class Connection:
             self._our_handshake = message
         if new_state is not self._our_state:
             self._set_ours(new_state)
-        self.last_sent_at = now
         return parts
 
-    def send_chunk_header(self, index: int, size: int, *, now: float) -> bytes:
-        """The frame header of a `size`-byte chunk whose payload the caller sends itself.
+    @property
+    def mid_chunk(self) -> bool:
+        """Whether a chunk sent in parts has parts still to go (nothing but control may cut in)."""
+        return self._sending is not None
 
-        Checked and recorded exactly like `send_parts(Chunk(...))`; for zero-copy senders.
+    def send_chunk_part_header(
+        self, index: int, size: int, offset: int, length: int, *, now: float
+    ) -> bytes:
+        """The frame header of `length` bytes at `offset` of the `size`-byte chunk `index`.
+
+        The caller sends the payload itself (zero-copy senders). Parts go in order, from offset
+        0 to the end; control messages may be sent between them, another chunk may not. The
+        first part is checked and recorded exactly like `send_parts(Chunk(...))`.
         """
-        if not 0 <= size <= MAX_CHUNK_SIZE:
-            raise LocalProtocolError(f"chunk of {size} bytes is over {MAX_CHUNK_SIZE}")
-        # Only the length of this view is read: the lazily zeroed buffer is never touched.
-        parts = self.send_parts(Chunk(index, _LENGTH_ONLY[:size]), now=now)
-        return bytes(parts[0])
+        if not 0 <= size <= self.max_chunk_size:
+            raise LocalProtocolError(f"chunk of {size} bytes is over {self.max_chunk_size}")
+        if offset and Chunk not in self._our_moves:
+            error = LocalProtocolError(f"cannot send a chunk part in state {self._our_state.value}")
+            self._set_ours(State.ERROR)
+            raise error
+        if offset == 0:
+            # Only the length of this view is read: the lazily zeroed buffer is never touched.
+            self._record_send(Chunk(index, _LENGTH_ONLY[:size]))
+        elif self._sending != (index, size, offset):
+            self._set_ours(State.ERROR)
+            raise LocalProtocolError(
+                f"part at {offset} of chunk {index} ({size} bytes) does not continue "
+                f"{self._sending_text()}"
+            )
+        try:
+            header = chunk_part_header(index, size, offset, length, self.max_chunk_size)
+        except LocalProtocolError:
+            self._set_ours(State.ERROR)
+            raise
+        self._sending = None if offset + length == size else (index, size, offset + length)
+        self.last_sent_at = now
+        return header
+
+    def _sending_text(self) -> str:
+        if self._sending is None:
+            return "no chunk: a chunk's first part is at offset 0"
+        index, size, offset = self._sending
+        return f"chunk {index} ({size} bytes), whose next part is at {offset}"
 
     # -- validation shared by both directions -----------------------------------------------
 

@@ -1,8 +1,10 @@
 """Length-prefixed frames: a 4-byte big-endian length, one type byte, then the body.
 
 The length counts the type byte and the body. Control bodies are msgpack arrays decoded
-strictly by a `MessageCodec`; a chunk body is a 4-byte index and then the raw payload, which is
-received straight into a buffer of exactly its size and never re-encoded.
+strictly by a `MessageCodec`. A chunk travels as one or more part frames, in order: each body is
+the chunk's index, its whole size and the part's offset (4 bytes each), then raw payload that is
+received straight into one buffer of the chunk's size and never re-encoded. Control frames may
+come between the parts, so a Request or Have never waits behind a whole chunk upload.
 """
 
 from __future__ import annotations
@@ -19,13 +21,18 @@ from .messages import CHUNK_TYPE, PEER_MESSAGES, Chunk, ControlMessage, Message
 
 LENGTH = struct.Struct(">I")
 FRAME_HEADER = struct.Struct(">IB")
-CHUNK_HEADER = struct.Struct(">IBI")
-_INDEX = struct.Struct(">I")
+# length, type, chunk index, chunk size, offset of this part's payload in the chunk
+CHUNK_HEADER = struct.Struct(">IBIII")
+_PART_FIELDS = struct.Struct(">III")
 # Frame length (type byte + body) of the largest control message: a bitfield of 8M chunks fits.
 MAX_CONTROL_SIZE = 1 << 20
 MAX_CHUNK_SIZE = 1 << 24
-# Bytes a chunk frame's length counts besides the payload: the type byte and the index.
+# Bytes a chunk frame's length counts besides the payload: the type byte, index, size, offset.
 CHUNK_OVERHEAD = CHUNK_HEADER.size - LENGTH.size
+# Every part but a chunk's last carries at least this much: tiny parts would only burn CPU.
+MIN_CHUNK_PART = 16 << 10
+# What `FrameReader._chunk_part` returns once it took a part's header and the chunk goes on.
+_PART_TAKEN = object()
 # Compact the receive buffer once this many consumed bytes sit at its front.
 COMPACT_AT = 1 << 16
 
@@ -139,6 +146,27 @@ def check_chunk_size(max_chunk_size: int) -> int:
     return max_chunk_size
 
 
+def chunk_part_header(
+    index: int, size: int, offset: int, length: int, max_chunk_size: int
+) -> bytes:
+    """The frame header of `length` payload bytes at `offset` of the `size`-byte chunk `index`."""
+    if not 1 <= size <= max_chunk_size:
+        raise LocalProtocolError(f"chunk payload of {size} bytes outside 1..{max_chunk_size}")
+    problem = _part_problem(size, offset, length)
+    if problem is not None:
+        raise LocalProtocolError(problem)
+    return CHUNK_HEADER.pack(CHUNK_OVERHEAD + length, CHUNK_TYPE, index, size, offset)
+
+
+def _part_problem(size: int, offset: int, length: int) -> str | None:
+    """Why a part of `length` bytes at `offset` cannot belong to a `size`-byte chunk, or None."""
+    if length < 1 or offset < 0 or offset + length > size:
+        return f"chunk part of {length} bytes at {offset} does not fit a {size}-byte chunk"
+    if length < MIN_CHUNK_PART and offset + length < size:
+        return f"chunk part of {length} bytes is under {MIN_CHUNK_PART} and not the chunk's last"
+    return None
+
+
 def frame_parts(
     message: Message,
     codec: MessageCodec,
@@ -149,9 +177,7 @@ def frame_parts(
     """A message as frame pieces to write in order; a chunk's payload is passed through as is."""
     if isinstance(message, Chunk):
         size = message.size
-        if not 1 <= size <= max_chunk_size:
-            raise LocalProtocolError(f"chunk payload of {size} bytes outside 1..{max_chunk_size}")
-        return [CHUNK_HEADER.pack(CHUNK_OVERHEAD + size, CHUNK_TYPE, message.index), message.data]
+        return [chunk_part_header(message.index, size, 0, size, max_chunk_size), message.data]
     if isinstance(message, ControlMessage):
         return [codec.encode(message, pack)]
     raise LocalProtocolError(f"cannot send {message!r}: not a wire message")
@@ -193,9 +219,11 @@ class FrameReader:
         # Unparsed bytes live in _buf[_start:]; consumed bytes are dropped in batches.
         self._buf = bytearray()
         self._start = 0
-        # The chunk payload being received straight into its own buffer, if any.
+        # The chunk being received straight into its own buffer, if any: bytes [0, _filled) of
+        # `_payload` are here, and the part on the wire now ends at `_part_end`.
         self._payload: memoryview | None = None
         self._filled = 0
+        self._part_end = 0
         self._payload_index = 0
 
     @property
@@ -210,7 +238,7 @@ class FrameReader:
 
     @property
     def mid_frame(self) -> bool:
-        """Whether part of a frame has arrived and the rest has not."""
+        """Whether part of a frame (or of a chunk's parts) has arrived and the rest has not."""
         return self._payload is not None or len(self._buf) > self._start
 
     def set_allocator(self, allocate: Callable[[int], bytearray]) -> None:
@@ -218,78 +246,90 @@ class FrameReader:
         self._allocate = allocate
 
     def payload_buffer(self) -> memoryview | None:
-        """The still-empty tail of the chunk payload being received, writable; None between chunks.
+        """The still-empty rest of the chunk part being received, writable; None between parts.
 
         Receive straight into it (`socket.recv_into`), then report the count with
         `payload_received`: the payload then never passes through the shared buffer.
         """
         payload = self._payload
-        if payload is None or self._filled == len(payload):
+        if payload is None or self._filled == self._part_end:
             return None
-        return payload[self._filled :]
+        return payload[self._filled : self._part_end]
 
     def payload_received(self, count: int) -> None:
         """`count` bytes were written at the start of the view `payload_buffer` returned."""
-        payload = self._payload
-        if payload is None:
+        if self._payload is None:
             raise LocalProtocolError("no chunk payload is being received")
-        if not 0 <= count <= len(payload) - self._filled:
+        if not 0 <= count <= self._part_end - self._filled:
             raise LocalProtocolError(
-                f"{count} bytes received into a payload with {len(payload) - self._filled} to go"
+                f"{count} bytes received into a part with {self._part_end - self._filled} to go"
             )
         self._filled += count
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         payload = self._payload
         if payload is not None:
-            filled = self._filled
-            room = len(payload) - filled
+            # Mid-part, nothing else is buffered: the part's header took everything after it.
+            filled, part_end = self._filled, self._part_end
+            room = part_end - filled
             if room and len(data) <= room:
                 payload[filled : filled + len(data)] = data
                 self._filled = filled + len(data)
                 return
             if room:
                 with memoryview(data) as view:
-                    payload[filled:] = view[:room]
-                    self._filled = len(payload)
+                    payload[filled:part_end] = view[:room]
+                    self._filled = part_end
                     self._buf += view[room:]
                 return
         self._buf += data
 
     def next_message(self) -> Message | None:
         """The next complete message, or None until more bytes arrive."""
-        if self._payload is not None:
-            return self._finish_payload() if self._filled == len(self._payload) else None
-        buf, start = self._buf, self._start
-        available = len(buf) - start
-        if available < FRAME_HEADER.size:
-            if available >= LENGTH.size:
-                self._check_length(LENGTH.unpack_from(buf, start)[0])
-            return None
-        length, code = FRAME_HEADER.unpack_from(buf, start)
-        self._check_length(length)
-        end = start + LENGTH.size + length
-        if code == CHUNK_TYPE:
-            return self._chunk(length, end)
-        if length > self._codec.max_control_size:
-            raise RemoteProtocolError(
-                f"control frame of {length} bytes exceeds {self._codec.max_control_size}"
-            )
-        if not self._codec.knows(code):
-            raise RemoteProtocolError(f"unknown message type {code:#04x}")
-        if len(buf) < end:
-            return None
-        # Control bodies are small: one slice copy is cheaper than a guarded memoryview.
-        message = self._codec.decode(code, bytes(buf[start + FRAME_HEADER.size : end]))
-        self._consume(end)
-        return message
+        while True:
+            payload = self._payload
+            if payload is not None:
+                if self._filled < self._part_end:
+                    return None
+                if self._filled == len(payload):
+                    return self._finish_payload()
+            buf, start = self._buf, self._start
+            available = len(buf) - start
+            if available < FRAME_HEADER.size:
+                if available >= LENGTH.size:
+                    self._check_length(LENGTH.unpack_from(buf, start)[0])
+                return None
+            length, code = FRAME_HEADER.unpack_from(buf, start)
+            self._check_length(length)
+            end = start + LENGTH.size + length
+            if code == CHUNK_TYPE:
+                chunk = self._chunk_part(length, end)
+                if chunk is None:
+                    return None
+                if chunk is _PART_TAKEN:
+                    continue
+                assert isinstance(chunk, Chunk)
+                return chunk
+            if length > self._codec.max_control_size:
+                raise RemoteProtocolError(
+                    f"control frame of {length} bytes exceeds {self._codec.max_control_size}"
+                )
+            if not self._codec.knows(code):
+                raise RemoteProtocolError(f"unknown message type {code:#04x}")
+            if len(buf) < end:
+                return None
+            # Control bodies are small: one slice copy is cheaper than a guarded memoryview.
+            message = self._codec.decode(code, bytes(buf[start + FRAME_HEADER.size : end]))
+            self._consume(end)
+            return message
 
     def _check_length(self, length: int) -> None:
         # Checked as soon as the prefix is here, so a huge length never reaches an allocation.
         if not 1 <= length <= self._max_frame:
             raise RemoteProtocolError(f"frame length {length} outside 1..{self._max_frame}")
 
-    def _chunk(self, length: int, end: int) -> Chunk | None:
+    def _chunk_part(self, length: int, end: int) -> Chunk | object | None:
+        """A whole single-part chunk, _PART_TAKEN once a part's header is taken, None: need more."""
         size = length - CHUNK_OVERHEAD
         if not 1 <= size <= self._max_chunk_size:
             raise RemoteProtocolError(
@@ -298,30 +338,48 @@ class FrameReader:
         buf, start = self._buf, self._start
         if len(buf) - start < CHUNK_HEADER.size:
             return None
-        (index,) = _INDEX.unpack_from(buf, start + FRAME_HEADER.size)
+        index, total, offset = _PART_FIELDS.unpack_from(buf, start + FRAME_HEADER.size)
+        if not 1 <= total <= self._max_chunk_size:
+            raise RemoteProtocolError(f"chunk of {total} bytes outside 1..{self._max_chunk_size}")
+        problem = _part_problem(total, offset, size)
+        if problem is not None:
+            raise RemoteProtocolError(problem)
+        payload = self._payload
+        if payload is None:
+            if offset != 0:
+                raise RemoteProtocolError(f"chunk {index} starts at offset {offset}, not 0")
+        elif index != self._payload_index or total != len(payload) or offset != self._filled:
+            raise RemoteProtocolError(
+                f"chunk part ({index}, {total} bytes, at {offset}) does not continue chunk "
+                f"{self._payload_index} ({len(payload)} bytes, {self._filled} here)"
+            )
         first = start + CHUNK_HEADER.size
-        if len(buf) >= end:
-            # The whole frame is here already: one copy out of the shared buffer.
+        if payload is None and size == total and len(buf) >= end:
+            # The whole chunk is here already: one copy out of the shared buffer.
             with memoryview(buf)[first:end] as view:
                 data = bytes(view)
             self._consume(end)
             return Chunk(index, data)
-        # Only now, with the size checked, take a buffer and fill it as the bytes arrive.
-        storage = self._allocate(size)
-        if len(storage) < size:
-            raise LocalProtocolError(f"allocator gave {len(storage)} bytes for a {size}-byte chunk")
-        payload = memoryview(storage)[:size]
-        have = len(buf) - first
-        with memoryview(buf)[first:] as view:
-            payload[:have] = view
-        self._payload, self._filled, self._payload_index = payload, have, index
-        self._consume(len(buf))
-        return None
+        if payload is None:
+            # Only now, with the size checked, take a buffer and fill it as the bytes arrive.
+            storage = self._allocate(total)
+            if len(storage) < total:
+                raise LocalProtocolError(
+                    f"allocator gave {len(storage)} bytes for a {total}-byte chunk"
+                )
+            payload = memoryview(storage)[:total]
+            self._payload, self._payload_index = payload, index
+        have = min(len(buf), end) - first
+        with memoryview(buf)[first : first + have] as view:
+            payload[offset : offset + have] = view
+        self._filled, self._part_end = offset + have, offset + size
+        self._consume(first + have)
+        return _PART_TAKEN
 
     def _finish_payload(self) -> Chunk:
         assert self._payload is not None
         chunk = Chunk(self._payload_index, self._payload.toreadonly())
-        self._payload, self._filled = None, 0
+        self._payload, self._filled, self._part_end = None, 0, 0
         return chunk
 
     def _consume(self, end: int) -> None:

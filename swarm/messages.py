@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Self
 
 from .errors import LocalProtocolError, RemoteProtocolError
 
-PROTOCOL_VERSION = 1
+# 2: chunks travel in part frames that control frames may cut between.
+PROTOCOL_VERSION = 2
 # Every index travels as a 4-byte unsigned int in a chunk header, so that is the ceiling.
 MAX_INDEX = (1 << 32) - 1
 MAX_REASON_LENGTH = 1024

@@ -38,7 +38,7 @@ from vmswarm.daemon.serving import ChunkServer
 from vmswarm.swarm.bitfield import Bitfield
 from vmswarm.swarm.connection import Connection
 from vmswarm.swarm.errors import RemoteProtocolError
-from vmswarm.swarm.framing import PEER_CODEC, FrameReader
+from vmswarm.swarm.framing import CHUNK_OVERHEAD, PEER_CODEC, FrameReader
 from vmswarm.swarm.manifest import Manifest
 from vmswarm.swarm.messages import (
     CHUNK_TYPE,
@@ -176,7 +176,7 @@ def test_a_huge_length_prefix_is_refused_before_any_allocation() -> None:
         assert allocations == [] and reader.allocated < 64
     # A chunk just over the ceiling is refused as well, still before its buffer is taken.
     reader = FrameReader(PEER_CODEC, max_chunk_size=1 << 16, allocate=allocate)
-    reader.feed(((1 << 16) + 6).to_bytes(4, "big") + bytes([CHUNK_TYPE]) + bytes(4))
+    reader.feed((CHUNK_OVERHEAD + (1 << 16) + 1).to_bytes(4, "big") + bytes([CHUNK_TYPE]))
     with pytest.raises(RemoteProtocolError):
         reader.next_message()
     assert allocations == []

@@ -26,6 +26,7 @@ from vmswarm.daemon.serving import ChunkServer
 from vmswarm.daemon.storeerrors import ChunkAbsent, ChunkMismatch
 from vmswarm.swarm.bitfield import Bitfield
 from vmswarm.swarm.connection import Connection
+from vmswarm.swarm.framing import MIN_CHUNK_PART
 from vmswarm.swarm.manifest import Manifest, build_manifest
 from vmswarm.swarm.messages import Cancel, Chunk, Have, Reject, Request, Role
 
@@ -331,3 +332,52 @@ async def test_chunks_travel_through_pooled_buffers_on_both_sides() -> None:
         assert sending.allocated <= 3
         assert server.served_chunks == 12
         nursery.cancel_scope.cancel()
+
+
+async def test_a_have_posted_during_a_chunk_upload_overtakes_the_rest_of_the_chunk() -> None:
+    rng = random.Random(11)
+    data = rng.randbytes(2 * BIG)
+    manifest = build_manifest(data, "big", "1", chunk_size=BIG)
+    options = LinkOptions(chunk_part_size=MIN_CHUNK_PART)
+    left, right = await link_pair(manifest, Bitfield(2), Bitfield(2), options=options, sockets=True)
+    send, receive = trio.open_memory_channel[tuple[PeerLink, object]](16)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(right.run)
+        nursery.start_soon(right.send_chunk, 0, memoryview(data)[:BIG])
+        # Nobody reads the left end yet: the upload stalls mid-chunk on full socket buffers.
+        await trio.testing.wait_all_tasks_blocked()
+        assert right.conn.mid_chunk
+        right.post(Have(1))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(left.run, send)
+        events = [(await receive.receive())[1] for _ in range(3)]
+        assert isinstance(events[0], LinkUp)
+        assert events[1] == Have(1)  # it went out between two parts of chunk 0
+        assert isinstance(events[2], Chunk) and bytes(events[2].data) == data[:BIG]
+        nursery.cancel_scope.cancel()
+
+
+async def test_closing_mid_chunk_ends_the_link_with_a_goodbye_not_a_protocol_error() -> None:
+    data = random.Random(12).randbytes(2 * BIG)
+    manifest = build_manifest(data, "big", "1", chunk_size=BIG)
+    options = LinkOptions(chunk_part_size=MIN_CHUNK_PART)
+    left, right = await link_pair(manifest, Bitfield(2), Bitfield(2), options=options, sockets=True)
+    send, receive = trio.open_memory_channel[tuple[PeerLink, object]](16)
+    sent: list[bool] = []
+
+    async def upload() -> None:
+        sent.append(await right.send_chunk(0, memoryview(data)[:BIG]))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(right.run)
+        nursery.start_soon(upload)
+        await trio.testing.wait_all_tasks_blocked()
+        assert right.conn.mid_chunk
+        right.close("shutting down")
+        nursery.start_soon(left.run, send)
+        events = [(await receive.receive())[1] for _ in range(2)]
+        assert isinstance(events[0], LinkUp)
+        assert isinstance(events[1], LinkDown)
+        assert events[1].reason == "peer said goodbye: shutting down"
+        assert left.offence is None
+    assert sent == [False]

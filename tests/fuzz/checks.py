@@ -130,7 +130,11 @@ def hostile_frame(inp: Input, codec: MessageCodec, max_chunk: int) -> bytes:
     kind = inp.int(0, len(codes) + 1)
     if kind == len(codes):
         size = inp.choice((0, 1, max_chunk, max_chunk + 1, inp.int(0, 300)))
-        header = CHUNK_HEADER.pack(CHUNK_OVERHEAD + size, CHUNK_TYPE, inp.int(0, (1 << 32) - 1))
+        index = inp.int(0, (1 << 32) - 1)
+        # Mostly a whole chunk in one part; sometimes a part claiming another size or offset.
+        total = inp.choice((size, size, 0, max_chunk + 1, inp.int(0, 1 << 20)))
+        offset = inp.choice((0, 0, 1, size, inp.int(0, (1 << 32) - 1)))
+        header = CHUNK_HEADER.pack(CHUNK_OVERHEAD + size, CHUNK_TYPE, index, total, offset)
         return header + inp.bytes(size).ljust(size, b"\x00")
     code = codes[kind] if kind < len(codes) else inp.int(0, 0xFF)
     if inp.int(0, 7) == 0:

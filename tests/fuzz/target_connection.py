@@ -31,6 +31,7 @@ from vmswarm.swarm.messages import (
     CHUNK_TYPE,
     MAX_INDEX,
     PEER_MESSAGES,
+    PROTOCOL_VERSION,
     Bitfield,
     Cancel,
     Chunk,
@@ -258,7 +259,8 @@ def peer_frame(inp: Input, harness: Harness) -> bytes:
     if kind == len(CODES):
         size = inp.int(0, harness.max_chunk + 1)
         payload = inp.bytes(size).ljust(size, b"\x00")
-        header = CHUNK_HEADER.pack(CHUNK_OVERHEAD + size, CHUNK_TYPE, _index_int(inp, count))
+        index = _index_int(inp, count)
+        header = CHUNK_HEADER.pack(CHUNK_OVERHEAD + size, CHUNK_TYPE, index, size, 0)
         return header + payload
     if kind > len(CODES):
         return frame(inp.int(0, 0xFF), hostile_value(inp))
@@ -352,7 +354,8 @@ def seeds() -> list[bytes]:
         (Role.STORAGE, 64, 256, False),
         (Role.HOST, 1, 1, False),
     ):
-        hello = Handshake(1, TEMPLATE, b"p" * 16, ("10.0.0.9", 7001), peer_role[role])
+        listen = ("10.0.0.9", 7001)
+        hello = Handshake(PROTOCOL_VERSION, TEMPLATE, b"p" * 16, listen, peer_role[role])
         bits = bytearray((count + 7) // 8)
         bits[0] = 0x80
         frames = [
@@ -360,7 +363,8 @@ def seeds() -> list[bytes]:
             PEER_CODEC.encode(Bitfield(bytes(bits))),
             PEER_CODEC.encode(Have(0)),
             PEER_CODEC.encode(Request(count - 1)),
-            CHUNK_HEADER.pack(CHUNK_OVERHEAD + max_chunk, CHUNK_TYPE, 0) + b"z" * max_chunk,
+            CHUNK_HEADER.pack(CHUNK_OVERHEAD + max_chunk, CHUNK_TYPE, 0, max_chunk, 0)
+            + b"z" * max_chunk,
             PEER_CODEC.encode(Reject(0, "no")),
             PEER_CODEC.encode(Cancel(0)),
             PEER_CODEC.encode(KeepAlive()),
@@ -379,7 +383,8 @@ def seeds() -> list[bytes]:
         out.append(writer.build())
     # A flood of keep-alives, then garbage.
     writer = _session(Role.HOST, 8, 16, True)
-    _raw(writer, PEER_CODEC.encode(Handshake(1, TEMPLATE, b"p" * 16, None, Role.STORAGE)))
+    hello = Handshake(PROTOCOL_VERSION, TEMPLATE, b"p" * 16, None, Role.STORAGE)
+    _raw(writer, PEER_CODEC.encode(hello))
     _raw(writer, PEER_CODEC.encode(KeepAlive()))
     writer.int(0, OP_EOF, OP_FLOOD).int(1, MAX_FLOOD, MAX_FLOOD)
     _deliver(writer, MAX_DELIVER)

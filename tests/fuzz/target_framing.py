@@ -126,7 +126,8 @@ def _drain(
 
 
 def _chunk_frame(index: int, payload: bytes) -> bytes:
-    return CHUNK_HEADER.pack(CHUNK_OVERHEAD + len(payload), CHUNK_TYPE, index) + payload
+    size = len(payload)
+    return CHUNK_HEADER.pack(CHUNK_OVERHEAD + size, CHUNK_TYPE, index, size, 0) + payload
 
 
 def _peer_exchange(codec: MessageCodec) -> bytes:

@@ -19,7 +19,7 @@ from vmswarm.swarm.connection import (
     State,
 )
 from vmswarm.swarm.errors import LocalProtocolError, RemoteProtocolError
-from vmswarm.swarm.framing import PEER_CODEC, FrameWriter
+from vmswarm.swarm.framing import MIN_CHUNK_PART, PEER_CODEC, FrameWriter
 from vmswarm.swarm.messages import (
     PROTOCOL_VERSION,
     Bitfield,
@@ -40,7 +40,9 @@ COUNT = 20
 TEMPLATE = b"T" * 32
 
 
-def hello(role: Role = Role.HOST, template: bytes = TEMPLATE, version: int = 1) -> Handshake:
+def hello(
+    role: Role = Role.HOST, template: bytes = TEMPLATE, version: int = PROTOCOL_VERSION
+) -> Handshake:
     return Handshake(version, template, b"P" * 16, ("10.0.0.2", 7000), role)
 
 
@@ -331,10 +333,14 @@ def test_reading_past_the_handshake_needs_the_chunk_count() -> None:
 def test_unsupported_protocol_version_is_a_remote_error_that_says_so() -> None:
     receiver = Connection(Role.STORAGE)
     receiver.receive_data(wire(hello(version=PROTOCOL_VERSION + 1)), now=0.0)
-    with pytest.raises(RemoteProtocolError, match="unsupported protocol version 2"):
+    with pytest.raises(
+        RemoteProtocolError, match=f"unsupported protocol version {PROTOCOL_VERSION + 1}"
+    ):
         receiver.next_event()
     assert receiver.their_handshake is None
-    with pytest.raises(LocalProtocolError, match="unsupported protocol version 2"):
+    with pytest.raises(
+        LocalProtocolError, match=f"unsupported protocol version {PROTOCOL_VERSION + 1}"
+    ):
         Connection(Role.HOST).send(hello(version=PROTOCOL_VERSION + 1), now=0.0)
 
 
@@ -471,3 +477,70 @@ def test_payload_received_moves_the_idle_clock_and_eof_ends_in_place_receiving()
         conn.payload_received(1, now=9.0)
     with pytest.raises(RemoteProtocolError, match="mid-frame"):
         conn.next_event()
+
+
+# -- chunks in parts ---------------------------------------------------------------------------
+
+PART = MIN_CHUNK_PART
+
+
+def parts_sender() -> Connection:
+    sender = Connection(Role.STORAGE, chunk_count=COUNT, max_chunk_size=4 * PART)
+    sender.send(hello(Role.STORAGE), now=0.0)
+    return sender
+
+
+def test_a_chunk_sent_in_parts_with_control_between_arrives_after_the_control() -> None:
+    sender = parts_sender()
+    payload = bytes(range(256)) * (3 * PART // 256 + 1)  # three full parts and a short fourth
+    out = []
+    for offset in range(0, len(payload), PART):
+        length = min(PART, len(payload) - offset)
+        out.append(sender.send_chunk_part_header(5, len(payload), offset, length, now=1.0))
+        out.append(payload[offset : offset + length])
+        assert sender.mid_chunk == (offset + length < len(payload))
+        out.append(sender.send(Have(offset // PART), now=1.0))
+    receiver = active_receiver()
+    events = feed(receiver, split(b"".join(out), [7, PART + 3, 2 * PART + 40]))
+    assert events == [Have(0), Have(1), Have(2), Chunk(5, payload), Have(3)]
+
+
+def test_parts_must_continue_the_chunk_in_order() -> None:
+    sender = parts_sender()
+    sender.send_chunk_part_header(1, 3 * PART, 0, PART, now=0.0)
+    with pytest.raises(LocalProtocolError, match=r"chunk 1 .*next part is at 16384"):
+        sender.send_chunk_part_header(1, 3 * PART, 2 * PART, PART, now=0.0)
+    assert sender.our_state is State.ERROR
+
+
+def test_no_other_chunk_may_cut_into_a_chunk_being_sent() -> None:
+    sender = parts_sender()
+    sender.send_chunk_part_header(1, 3 * PART, 0, PART, now=0.0)
+    with pytest.raises(LocalProtocolError, match="in the middle of chunk 1"):
+        sender.send_parts(Chunk(2, b"x"), now=0.0)
+    with pytest.raises(LocalProtocolError, match="does not continue"):
+        sender.send_chunk_part_header(2, 3 * PART, PART, PART, now=0.0)
+
+
+def test_no_part_after_our_goodbye() -> None:
+    sender = parts_sender()
+    sender.send_chunk_part_header(1, 3 * PART, 0, PART, now=0.0)
+    sender.send(Goodbye("stopping"), now=0.0)
+    with pytest.raises(LocalProtocolError, match="state CLOSED"):
+        sender.send_chunk_part_header(1, 3 * PART, PART, PART, now=0.0)
+
+
+def test_a_chunk_left_unfinished_by_a_goodbye_is_a_clean_close() -> None:
+    sender = parts_sender()
+    blob = sender.send_chunk_part_header(1, 3 * PART, 0, PART, now=0.0) + b"a" * PART
+    blob += sender.send(Goodbye("stopping"), now=0.0)
+    events = feed(active_receiver(), [blob], eof=True)
+    assert events == [Goodbye("stopping"), ConnectionClosed(clean=True)]
+
+
+def test_a_stream_that_ends_between_parts_without_goodbye_is_cut() -> None:
+    sender = parts_sender()
+    blob = sender.send_chunk_part_header(1, 3 * PART, 0, PART, now=0.0) + b"a" * PART
+    events, error = outcome([wire(hello()), blob], eof=True)
+    assert events == [hello()]
+    assert error is not None and "mid-frame" in error

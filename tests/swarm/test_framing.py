@@ -13,13 +13,16 @@ from hypothesis import strategies as st
 from vmswarm.swarm.errors import LocalProtocolError, RemoteProtocolError
 from vmswarm.swarm.framing import (
     CHUNK_HEADER,
+    CHUNK_OVERHEAD,
     COMPACT_AT,
     FRAME_HEADER,
     MAX_CHUNK_SIZE,
     MAX_CONTROL_SIZE,
+    MIN_CHUNK_PART,
     PEER_CODEC,
     FrameReader,
     MessageCodec,
+    chunk_part_header,
     frame_parts,
 )
 from vmswarm.swarm.messages import (
@@ -113,7 +116,8 @@ def test_chunk_header_is_fixed_struct_and_payload_is_raw() -> None:
     parts = frame_parts(Chunk(7, payload), PEER_CODEC, max_chunk_size=MAX_CHUNK_SIZE)
     assert len(parts) == 2
     assert parts[1] is payload  # passed through, never copied or re-encoded
-    assert CHUNK_HEADER.unpack(parts[0]) == (1 + 4 + len(payload), CHUNK_TYPE, 7)
+    # length, type, index, the chunk's size, this part's offset: one part holds it all
+    assert CHUNK_HEADER.unpack(parts[0]) == (1 + 12 + len(payload), CHUNK_TYPE, 7, len(payload), 0)
 
 
 def test_huge_length_prefix_is_rejected_before_any_allocation() -> None:
@@ -135,7 +139,7 @@ def test_control_frame_longer_than_the_control_limit_is_rejected_at_the_type_byt
 @pytest.mark.parametrize("payload_size", [0, 1001])
 def test_chunk_payload_size_is_checked_before_the_payload_buffer_exists(payload_size: int) -> None:
     reader = FrameReader(PEER_CODEC, max_chunk_size=1000)
-    reader.feed(CHUNK_HEADER.pack(5 + payload_size, CHUNK_TYPE, 0)[:5])
+    reader.feed(CHUNK_HEADER.pack(CHUNK_OVERHEAD + payload_size, CHUNK_TYPE, 0, 1, 0)[:5])
     with pytest.raises(RemoteProtocolError):
         reader.next_message()
     assert reader.allocated == 5
@@ -415,3 +419,120 @@ def test_a_bitfield_must_be_one_bin_before_it_is_decoded(monkeypatch: pytest.Mon
 
 def _never_called(body: bytes) -> object:
     raise AssertionError("decoded a body that should have been refused unread")
+
+
+# -- chunks in parts ---------------------------------------------------------------------------
+
+
+def _parts_wire(index: int, payload: bytes, part: int, between: bytes = b"") -> bytes:
+    """`payload` as chunk parts of `part` bytes, with `between` after every part but the last."""
+    out = []
+    for offset in range(0, len(payload), part):
+        piece = payload[offset : offset + part]
+        out.append(chunk_part_header(index, len(payload), offset, len(piece), MAX_CHUNK_SIZE))
+        out.append(piece)
+        if offset + part < len(payload):
+            out.append(between)
+    return b"".join(out)
+
+
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=1, max_value=70_000), max_size=12), direct=st.booleans())
+def test_a_chunk_sent_in_parts_arrives_whole_and_control_frames_between_them_come_first(
+    cuts: list[int], direct: bool
+) -> None:
+    payload = bytes(range(256)) * 400  # 102400 bytes: 6 parts of 16 KiB and a shorter last
+    have = bytes(frame_parts(Have(9), PEER_CODEC, max_chunk_size=MAX_CHUNK_SIZE)[0])
+    wire = _parts_wire(3, payload, MIN_CHUNK_PART, have) + have
+    reader = FrameReader(PEER_CODEC)
+    got: list[Message] = []
+    position = 0
+    for cut in [*cuts, len(wire)]:
+        end = min(position + cut, len(wire))
+        while position < end:
+            target = reader.payload_buffer() if direct else None
+            if target is None:
+                reader.feed(wire[position:end])
+                position = end
+            else:
+                # The zero-copy path, as a socket's recv_into would fill it.
+                count = min(len(target), end - position)
+                target[:count] = wire[position : position + count]
+                reader.payload_received(count)
+                position += count
+            got += read_all(reader)
+    # 7 parts with a Have after each but the last, then one more Have after the chunk
+    assert got[:6] == [Have(9)] * 6 and got[7:] == [Have(9)]
+    chunk = got[6]
+    assert isinstance(chunk, Chunk) and chunk.index == 3 and bytes(chunk.data) == payload
+    assert not reader.mid_frame and reader.buffered == 0
+
+
+def test_payload_buffer_covers_only_the_part_on_the_wire() -> None:
+    payload = b"x" * (3 * MIN_CHUNK_PART)
+    reader = FrameReader(PEER_CODEC)
+    reader.feed(chunk_part_header(1, len(payload), 0, MIN_CHUNK_PART, MAX_CHUNK_SIZE))
+    assert reader.next_message() is None
+    target = reader.payload_buffer()
+    assert target is not None and len(target) == MIN_CHUNK_PART
+    target[:] = payload[:MIN_CHUNK_PART]
+    reader.payload_received(MIN_CHUNK_PART)
+    assert reader.next_message() is None
+    assert reader.payload_buffer() is None  # between parts: the next header comes through feed
+    assert reader.mid_frame
+
+
+@pytest.mark.parametrize(
+    ("header", "error"),
+    [
+        ((1, 3 * MIN_CHUNK_PART, 2 * MIN_CHUNK_PART), "does not continue chunk 1"),  # skips one
+        ((2, 3 * MIN_CHUNK_PART, MIN_CHUNK_PART), "does not continue chunk 1"),  # other chunk
+        ((1, 4 * MIN_CHUNK_PART, MIN_CHUNK_PART), "does not continue chunk 1"),  # other size
+        ((1, 3 * MIN_CHUNK_PART, 0), "does not continue chunk 1"),  # starts over
+    ],
+)
+def test_a_part_that_does_not_continue_the_chunk_is_a_remote_error(
+    header: tuple[int, int, int], error: str
+) -> None:
+    reader = FrameReader(PEER_CODEC)
+    reader.feed(chunk_part_header(1, 3 * MIN_CHUNK_PART, 0, MIN_CHUNK_PART, MAX_CHUNK_SIZE))
+    reader.feed(b"a" * MIN_CHUNK_PART)
+    index, size, offset = header
+    reader.feed(CHUNK_HEADER.pack(CHUNK_OVERHEAD + MIN_CHUNK_PART, CHUNK_TYPE, index, size, offset))
+    with pytest.raises(RemoteProtocolError, match=error):
+        reader.next_message()
+
+
+@pytest.mark.parametrize(
+    ("size", "offset", "length", "error"),
+    [
+        (3 * MIN_CHUNK_PART, MIN_CHUNK_PART, MIN_CHUNK_PART, "starts at offset"),
+        (3 * MIN_CHUNK_PART, 0, 100, "is under"),  # a tiny part that is not the chunk's last
+        (100, 0, 200, "does not fit"),
+        (MAX_CHUNK_SIZE + 1, 0, 100, "outside"),
+        (0, 0, 100, "outside"),
+    ],
+)
+def test_a_bad_first_part_is_refused_before_any_buffer_is_taken(
+    size: int, offset: int, length: int, error: str
+) -> None:
+    taken: list[int] = []
+
+    def allocate(n: int) -> bytearray:
+        taken.append(n)
+        return bytearray(n)
+
+    reader = FrameReader(PEER_CODEC, allocate=allocate)
+    reader.feed(CHUNK_HEADER.pack(CHUNK_OVERHEAD + length, CHUNK_TYPE, 0, size, offset))
+    with pytest.raises(RemoteProtocolError, match=error):
+        reader.next_message()
+    assert taken == []
+
+
+@pytest.mark.parametrize(
+    ("size", "offset", "length"),
+    [(100, 0, 0), (100, 50, 60), (3 * MIN_CHUNK_PART, 0, MIN_CHUNK_PART - 1), (0, 0, 1)],
+)
+def test_we_cannot_frame_a_part_that_does_not_fit(size: int, offset: int, length: int) -> None:
+    with pytest.raises(LocalProtocolError):
+        chunk_part_header(0, size, offset, length, MAX_CHUNK_SIZE)
