@@ -369,6 +369,9 @@ class TemplateDownload:
         self._unstored: set[tuple[bytes, int]] = set()
         self._verifying_image = False
         self.verified = False
+        # The first chunk the running whole-image hash still needs, and the nudge to feed it.
+        self._hash_frontier = 0
+        self._hash_due = trio.Event()
         # trio times: every wanted chunk verified and written; then the whole image verified.
         self.chunks_done_at: float | None = None
         self.error: str | None = None
@@ -501,6 +504,9 @@ class TemplateDownload:
                 for _ in range(self.config.writers):
                     nursery.start_soon(self._writer)
                 nursery.start_soon(self._ticker)
+                hash_ahead = getattr(self.data, "hash_ahead", None)
+                if self._want_all and hash_ahead is not None:
+                    nursery.start_soon(self._hash_ahead, hash_ahead)
                 self._running = True
                 if self._want_all and self._picker.complete:
                     self._start_verify()
@@ -894,6 +900,8 @@ class TemplateDownload:
                     continue
                 self._done_bytes += self._lengths[got]
             self._release_waiters(written.newly)
+            if self._hash_frontier in written.newly:
+                self._hash_due.set()
             # Every peer hears it, holders too: a holder that loses it (scrub) must know we have it.
             for got in written.newly:
                 for other_peer in self._peers.values():
@@ -1368,6 +1376,16 @@ class TemplateDownload:
                 self._buffers.give(job.data)
                 self._tokens.release()
             await self._send.send((None, result))
+
+    async def _hash_ahead(self, hash_ahead: Callable[[], int]) -> None:
+        """Hash the image in order as its chunks arrive: the check at the end has less left."""
+        count = self.manifest.chunk_count
+        while self._hash_frontier < count:
+            self._hash_frontier = await trio.to_thread.run_sync(hash_ahead)
+            # It may have arrived while the thread hashed: then there is no nudge to wait for.
+            if self._hash_frontier < count and not self.data.has(self._hash_frontier):
+                await self._hash_due.wait()
+            self._hash_due = trio.Event()
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -53,28 +53,35 @@ _HASH_BLOCK = 4 << 20
 
 
 def hash_file(fd: int, size: int, hasher: blake3.blake3, block: int = _HASH_BLOCK) -> bool:
-    """Feed the first `size` bytes of `fd` to `hasher`; False if the file is shorter.
+    """Feed the first `size` bytes of `fd` to `hasher`; False if the file is shorter."""
+    return hash_range(fd, 0, size, hasher, block)
+
+
+def hash_range(
+    fd: int, start: int, end: int, hasher: blake3.blake3, block: int = _HASH_BLOCK
+) -> bool:
+    """Feed bytes [start, end) of `fd` to `hasher`; False if the file ends before `end`.
 
     Holes read as zeros by definition, so they are hashed from memory instead of read: the
     zero chunks of an image are holes. pread, not mmap: a mapped hole on a full tmpfs is SIGBUS.
     """
-    if os.fstat(fd).st_size < size:
+    if os.fstat(fd).st_size < end:
         return False
-    buf = bytearray(min(block, max(size, 1)))
+    buf = bytearray(min(block, max(end - start, 1)))
     view = memoryview(buf)
     zeros = memoryview(bytes(len(buf)))
-    offset = 0
-    while offset < size:
-        data_at = min(_seek(fd, offset, os.SEEK_DATA, size), size)
+    offset = start
+    while offset < end:
+        data_at = min(_seek(fd, offset, os.SEEK_DATA, end), end)
         while offset < data_at:
             step = min(len(zeros), data_at - offset)
             hasher.update(zeros[:step])
             offset += step
-        if offset >= size:
+        if offset >= end:
             break
-        hole_at = min(_seek(fd, offset, os.SEEK_HOLE, size), size)
+        hole_at = min(_seek(fd, offset, os.SEEK_HOLE, end), end)
         if hole_at <= offset:  # a hole punched since SEEK_DATA: read on, it reads as zeros
-            hole_at = min(offset + len(buf), size)
+            hole_at = min(offset + len(buf), end)
         while offset < hole_at:
             want = min(len(buf), hole_at - offset)
             got = pread_into(fd, view[:want], offset)
@@ -134,6 +141,11 @@ class ImageStore:
         self._writing: dict[int, threading.Event] = {}
         # Chunks this process has verified since it opened (and locked) the image file.
         self._verified: set[int] = set()
+        # The whole-image hash, fed in order from the file as far as chunks are present
+        # (`hash_ahead`), so that `verify_image` at the end has only the rest to read.
+        self._running = blake3.blake3()
+        self._running_end = 0  # bytes of the image fed into `_running`: a chunk boundary
+        self._running_lock = threading.Lock()
         self._fd = -1
         self.directory.mkdir(parents=True, exist_ok=True)
         initialized = (self.directory / (stem + _BITS_SUFFIX)).exists()
@@ -409,16 +421,51 @@ class ImageStore:
                 continue  # dropped concurrently
         return bad
 
+    def hash_ahead(self) -> int:
+        """Feed the present chunks right after the hashed prefix into the running image hash.
+
+        Called while chunks still arrive, it spreads the whole-image check over the download.
+        Returns the first chunk not hashed yet (the chunk count once all are). Reads the bytes
+        back from the file, so what the check covers is what was written.
+        """
+        self._check_open()
+        with self._running_lock:
+            return self._hash_ahead_locked()
+
+    def _hash_ahead_locked(self) -> int:
+        manifest = self.manifest
+        start = self._running_end
+        index = start // manifest.chunk_size
+        with self._lock:
+            while index < manifest.chunk_count and index in self._bits:
+                index += 1
+        end = manifest.chunk_range(index)[0] if index < manifest.chunk_count else manifest.size
+        if end > start:
+            if not hash_range(self._fd, start, end, self._running):
+                # Shorter than the manifest says: start over; verify_image will say no.
+                self._running, self._running_end = blake3.blake3(), 0
+                return 0
+            self._running_end = end
+        return index
+
     def verify_image(self) -> bool:
         """Is the whole image present and does it hash to the manifest's digest?"""
         self._check_open()
         if not self.complete or os.fstat(self._fd).st_size != self.manifest.size:
             return False
-        # One thread: blake3's pool spins against the daemon's and the VMs' threads for the cores.
-        hasher = blake3.blake3()
-        if not hash_file(self._fd, self.manifest.size, hasher):
-            return False
-        return bool(hasher.digest() == self.manifest.digest)
+        with self._running_lock:
+            self._hash_ahead_locked()
+            hashed = self._running_end == self.manifest.size
+            if hashed and self._running.digest() == self.manifest.digest:
+                return True
+            # A mismatch is confirmed from scratch: the file as it is now, from its first byte.
+            # One thread: blake3's pool spins against the daemon's and the VMs' threads.
+            hasher = blake3.blake3()
+            if not hash_file(self._fd, self.manifest.size, hasher):
+                return False
+            # Right now (a region repaired since it was hashed): the running hash starts over.
+            self._running, self._running_end = hasher, self.manifest.size
+            return bool(hasher.digest() == self.manifest.digest)
 
     # -- durability ----------------------------------------------------------------------------
 

@@ -46,7 +46,9 @@ class TemplateData(Protocol):
     # Stores may also offer `read_chunk_into(index, buf) -> memoryview`: the same, read into
     # `buf` (at least the chunk's length; the view is of its start), so buffers can be reused,
     # and `chunk_file(index) -> ChunkFile | None`: an already verified chunk's place in a file,
-    # for sendfile (None: read it, which verifies it).
+    # for sendfile (None: read it, which verifies it), and `hash_ahead() -> int`: feed the
+    # chunks present in order into a running whole-image hash, so `verify_image` has less left
+    # (returns the first chunk not hashed yet).
 
     def write_chunk(self, index: int, data: bytes | bytearray | memoryview) -> list[int]:
         """Verify and store chunk `index`; returns the indices that became present.
@@ -96,6 +98,9 @@ class HostTemplate:
 
     def verify_image(self) -> bool:
         return self.store.verify_image()
+
+    def hash_ahead(self) -> int:
+        return self.store.hash_ahead()
 
     def close(self) -> None:
         self.store.close()

@@ -409,3 +409,44 @@ def test_a_waiting_writer_takes_over_when_the_first_write_fails(
         assert sum(isinstance(r, StoreError) for r in results) == 1
         assert len(calls) == 2 and 2 in store
         assert store.read_chunk(2) == _chunk(data, manifest, 2)
+
+
+def test_hash_ahead_hashes_the_present_prefix_so_verify_reads_only_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, manifest = _image("DD0DD", tail=100)
+    hashed: list[tuple[int, int]] = []
+    real = imagestore.hash_range
+
+    def counting(fd: int, start: int, end: int, hasher: blake3.blake3, block: int = 1) -> bool:
+        hashed.append((start, end))
+        return real(fd, start, end, hasher)
+
+    monkeypatch.setattr(imagestore, "hash_range", counting)
+    with ImageStore(tmp_path, manifest) as store:
+        assert store.hash_ahead() == 0  # chunk 0 is not here yet
+        _fill(store, data, [0, 3])
+        assert store.hash_ahead() == 1
+        _fill(store, data, [1])
+        assert store.hash_ahead() == 4  # 1, the zero chunk 2 and 3 follow at once
+        _fill(store, data, [4])
+        assert hashed == [(0, CHUNK), (CHUNK, 4 * CHUNK)]
+        assert store.verify_image()
+        assert hashed[-1] == (4 * CHUNK, manifest.size)  # the end check read only the rest
+        assert sum(end - start for start, end in hashed) == manifest.size
+
+
+def test_a_byte_changed_before_it_was_hashed_fails_verify_and_a_repair_passes(
+    tmp_path: Path,
+) -> None:
+    data, manifest = _image("DDD")
+    with ImageStore(tmp_path, manifest) as store:
+        _fill(store, data, [0])
+        store.hash_ahead()
+        _fill(store, data, [1, 2])
+        _scribble(store.path, 2 * CHUNK + 5, b"!")
+        assert not store.verify_image()
+        assert store.scrub() == [2]
+        _fill(store, data)
+        assert store.verify_image()  # confirmed from scratch, then the running hash is right
+        assert store.verify_image()
