@@ -53,9 +53,12 @@ RECEIVE_SIZE = 1 << 16
 PAYLOAD_LOW_WATER = 256 << 10
 # Over a wrapped stream (TLS): take all a refill decrypted, not a socket-sized slice of it.
 STREAM_RECEIVE_SIZE = 1 << 20
-# A chunk goes out in parts of this size; a Request or Have waits behind at most one of them
-# (at a 12 Mbit/s fair share, 0.17 s) instead of behind a whole chunk upload.
+# A chunk goes out in parts, so a Request or Have waits behind one part instead of a whole
+# chunk upload: parts last about PART_SECONDS at the link's recent send rate, and are never
+# smaller than CHUNK_PART_SIZE (0.17 s at a 12 Mbit/s fair share). On a fast link a chunk goes
+# in one piece, for per-part work would cost more than the wait it saves.
 CHUNK_PART_SIZE = 256 << 10
+PART_SECONDS = 0.15
 HANDSHAKE_TIMEOUT = 10.0
 KEEPALIVE_INTERVAL = 30.0
 IDLE_TIMEOUT = 120.0
@@ -242,6 +245,7 @@ class PeerLink:
         self._receive_size = options.receive_size
         self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._part_size = max(options.chunk_part_size, MIN_CHUNK_PART)
+        self._send_rate = 0.0  # bytes/s of this link's recent chunk uploads; 0: none yet
         if self._socket is not None:
             # Unsent bytes the kernel queues ahead of our next control frame: about one part.
             with contextlib.suppress(OSError):
@@ -299,6 +303,7 @@ class PeerLink:
         with memoryview(data) as view:
             size = view.nbytes
             async with self._chunk_lock:
+                began = _now()
                 for offset, length in self._parts(size):
                     async with self._send_lock:
                         if self._closing:
@@ -307,14 +312,26 @@ class PeerLink:
                             index, size, offset, length, now=_now()
                         )
                         await self._send_part(header, view[offset : offset + length])
+                self._chunk_took(size, _now() - began)
         self.chunks_out += 1
         return True
 
     def _parts(self, size: int) -> Iterator[tuple[int, int]]:
-        """(offset, length) of each part of a `size`-byte chunk, in order."""
-        # An empty chunk still yields one part, so that framing it raises as it should.
-        for offset in range(0, max(size, 1), self._part_size):
-            yield offset, min(self._part_size, size - offset)
+        """(offset, length) of each part of a `size`-byte chunk, in order, sized as it goes.
+
+        An empty chunk still yields one part, so that framing it raises as it should.
+        """
+        offset = 0
+        while True:
+            length = min(size - offset, max(self._part_size, int(self._send_rate * PART_SECONDS)))
+            yield offset, length
+            offset += length
+            if offset >= size:
+                return
+
+    def _chunk_took(self, size: int, seconds: float) -> None:
+        rate = size / max(seconds, 1e-6)
+        self._send_rate = rate if not self._send_rate else (self._send_rate + rate) / 2
 
     async def _send_part(self, header: bytes, payload: memoryview) -> None:
         if self._socket is None:
@@ -346,6 +363,7 @@ class PeerLink:
         if sock is None:
             raise RuntimeError("send_chunk_file needs a socket stream")
         async with self._chunk_lock:
+            began = _now()
             for offset, length in self._parts(source.length):
                 async with self._send_lock:
                     if self._closing:
@@ -362,6 +380,7 @@ class PeerLink:
                         await self.stream.send_all(header[sent:])
                     self.bytes_out += len(header)
                     await self._sendfile(sock, index, source.fd, source.offset + offset, length)
+            self._chunk_took(source.length, _now() - began)
         self.chunks_out += 1
         return True
 
